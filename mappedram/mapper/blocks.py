@@ -1,0 +1,247 @@
+"""RAM blocks of a snapshot: where each page is, read lazily by offset.
+
+A mapped-ram block finds its pages through its bitmap (page i at pages_offset + i *
+page_size when bit i is set; clear bits are zero pages, whatever the slot holds). A
+stream block finds them through an index built by walking PAGE/ZERO records.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..errors import FormatError
+from ..formats import bitmap as bm
+from ..formats.bitmap import BitmapLayout
+from .source import Source
+
+# Bitmap bytes handled at once: 1 MiB covers 8 Mi pages (32 GiB of 4 KiB pages), so
+# dumping or verifying a huge guest needs memory that does not grow with it.
+BITMAP_CHUNK = 1 << 20
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+@dataclass(frozen=True)
+class Extent:
+    """``count`` pages from ``first_page`` on, stored contiguously from ``file_offset``."""
+
+    first_page: int
+    count: int
+    file_offset: int
+
+
+class RamBlock:
+    """One RAMBlock of the snapshot (common part of both modes)."""
+
+    def __init__(self, src: Source, name: str, used_length: int, page_size: int,
+                 entry_offset: int, addr: int | None) -> None:
+        self._src = src
+        self.name = name
+        self.used_length = used_length
+        self.page_size = page_size
+        self.entry_offset = entry_offset  # file offset of the block's u8 idlen
+        self.addr = addr  # guest-physical address, only under x-ignore-shared
+        self._populated: int | None = None
+
+    @property
+    def num_pages(self) -> int:
+        return self.used_length // self.page_size
+
+    def present_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first page, bool array) pieces covering every page, in bounded memory."""
+        raise NotImplementedError
+
+    def extents(self) -> Iterator[Extent]:
+        """The populated pages, as runs that are contiguous in the file."""
+        raise NotImplementedError
+
+    @property
+    def populated(self) -> int:
+        """Pages that hold data in the file (set bits, or PAGE records)."""
+        if self._populated is None:
+            self._populated = sum(int(chunk.sum()) for _, chunk in self.present_chunks())
+        return self._populated
+
+    def present(self) -> np.ndarray:
+        """A bool array, one entry per page: True where the file holds the page."""
+        out = np.zeros(self.num_pages, dtype=bool)
+        for first, chunk in self.present_chunks():
+            out[first : first + len(chunk)] = chunk
+        return out
+
+    def runs(self) -> Iterator[tuple[int, int]]:
+        """(first page, page count) of every run of populated pages."""
+        return bm.merge_runs(bm.runs(chunk, first) for first, chunk in self.present_chunks())
+
+    def page(self, index: int) -> memoryview:
+        """Page ``index`` as the guest would see it: a read-only view, zeros if absent."""
+        if not 0 <= index < self.num_pages:
+            raise IndexError(f"page {index} outside block {self.name!r} of {self.num_pages} pages")
+        offset = self.page_offset(index)
+        if offset is None:
+            return memoryview(bytes(self.page_size))
+        return self._src.view(offset, self.page_size, f"page {index} of {self.name}")
+
+    def page_offset(self, index: int) -> int | None:
+        """File offset of page ``index`` or None where the page is zero."""
+        raise NotImplementedError
+
+    def read_into(self, out: memoryview | np.ndarray, progress: Progress | None = None,
+                  zero_fill: bool = True) -> None:
+        """Copy the block into ``out`` (``used_length`` writable bytes), single-threaded."""
+        view = memoryview(out).cast("B")
+        if len(view) != self.used_length:
+            raise ValueError(f"target holds {len(view)} bytes, block {self.name!r} has {self.used_length}")
+        total = self.populated * self.page_size
+        zeros = np.frombuffer(view, dtype=np.uint8) if zero_fill else None
+        done = end = 0
+        for ext in self.extents():
+            start = ext.first_page * self.page_size
+            length = ext.count * self.page_size
+            if zeros is not None:
+                zeros[end:start] = 0
+            read_exact(self._src.fd, view[start : start + length], ext.file_offset, self.name)
+            done += length
+            end = start + length
+            if progress:
+                progress(done, total)
+        if zeros is not None:
+            zeros[end:] = 0
+
+    def read(self, progress: Progress | None = None) -> np.ndarray:
+        """The whole block as a new uint8 array; absent pages are zero."""
+        out = np.zeros(self.used_length, dtype=np.uint8)  # calloc: untouched pages cost nothing
+        self.read_into(out, progress, zero_fill=False)
+        return out
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "used_length": self.used_length,
+            "page_size": self.page_size,
+            "pages_total": self.num_pages,
+            "pages_present": self.populated,
+            "entry_offset": self.entry_offset,
+            "addr": self.addr,
+        }
+
+
+def read_exact(fd: int, view: memoryview, offset: int, what: str) -> None:
+    """preadv the whole view from ``offset``, or raise FormatError on a short read."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise FormatError(offset + got, f"{len(view) - got} more bytes of {what}", "end of file")
+        got += n
+
+
+class MappedRamBlock(RamBlock):
+    """A block with a MappedRamHeader: bitmap and pages at absolute offsets."""
+
+    def __init__(self, src: Source, name: str, used_length: int, page_size: int,
+                 entry_offset: int, addr: int | None, header_offset: int, version: int,
+                 bitmap_offset: int, pages_offset: int, layout: BitmapLayout) -> None:
+        super().__init__(src, name, used_length, page_size, entry_offset, addr)
+        self.header_offset = header_offset
+        self.version = version
+        self.bitmap_offset = bitmap_offset
+        self.pages_offset = pages_offset
+        self.layout = layout
+
+    @property
+    def bitmap_size(self) -> int:
+        return self.layout.size(self.num_pages)
+
+    def _lsb_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first byte of the bitmap, LSB-first bytes) in bounded pieces of whole words."""
+        step = BITMAP_CHUNK - BITMAP_CHUNK % self.layout.word_bytes
+        for start in range(0, self.bitmap_size, step):
+            length = min(step, self.bitmap_size - start)
+            raw = self._src.read(self.bitmap_offset + start, length, f"the bitmap of {self.name}")
+            yield start, self.layout.to_lsb(np.frombuffer(raw, dtype=np.uint8))
+
+    def present_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        for start, lsb in self._lsb_chunks():
+            first = start * 8
+            count = min(len(lsb) * 8, self.num_pages - first)
+            if count > 0:
+                yield first, bm.unpack(lsb, count)
+
+    @property
+    def populated(self) -> int:
+        if self._populated is None:
+            total = 0
+            for start, lsb in self._lsb_chunks():
+                total += bm.popcount(lsb)
+            self._populated = total - self.stray_bits()
+        return self._populated
+
+    def stray_bits(self) -> int:
+        """Set bits past the last page (QEMU never sets them)."""
+        if self.bitmap_size == 0:
+            return 0
+        word = self.layout.word_bytes
+        tail_start = (self.num_pages // 8) // word * word
+        raw = self._src.read(self.bitmap_offset + tail_start, self.bitmap_size - tail_start,
+                             f"the bitmap tail of {self.name}")
+        lsb = self.layout.to_lsb(np.frombuffer(raw, dtype=np.uint8))
+        return bm.stray_bits(lsb, self.num_pages - tail_start * 8)
+
+    def extents(self) -> Iterator[Extent]:
+        for first, count in self.runs():
+            yield Extent(first, count, self.pages_offset + first * self.page_size)
+
+    def page_offset(self, index: int) -> int | None:
+        word = self.layout.word_bytes
+        bit = index % (8 * word)
+        word_start = index // (8 * word) * word
+        raw = self._src.read(self.bitmap_offset + word_start, word, f"the bitmap of {self.name}")
+        value = int.from_bytes(raw, self.layout.byteorder)
+        return self.pages_offset + index * self.page_size if value >> bit & 1 else None
+
+    def describe(self) -> dict[str, object]:
+        return {
+            **super().describe(),
+            "header_offset": self.header_offset,
+            "mapped_ram_version": self.version,
+            "bitmap_offset": self.bitmap_offset,
+            "bitmap_size": self.bitmap_size,
+            "pages_offset": self.pages_offset,
+        }
+
+
+class StreamRamBlock(RamBlock):
+    """A block of a classic stream: pages found by walking PAGE/ZERO records."""
+
+    def __init__(self, src: Source, name: str, used_length: int, page_size: int,
+                 entry_offset: int, addr: int | None, index_builder: Callable[[], None]) -> None:
+        super().__init__(src, name, used_length, page_size, entry_offset, addr)
+        self._build_index = index_builder
+        self._offsets: np.ndarray | None = None  # file offset per page, -1 = zero
+
+    def set_offsets(self, offsets: np.ndarray) -> None:
+        self._offsets = offsets
+
+    @property
+    def offsets(self) -> np.ndarray:
+        if self._offsets is None:
+            self._build_index()
+        assert self._offsets is not None
+        return self._offsets
+
+    def present_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        yield 0, self.offsets >= 0
+
+    def extents(self) -> Iterator[Extent]:
+        offsets = self.offsets
+        for page in np.flatnonzero(offsets >= 0).tolist():
+            yield Extent(page, 1, int(offsets[page]))  # an 8-byte word separates any two pages
+
+    def page_offset(self, index: int) -> int | None:
+        offset = int(self.offsets[index])
+        return offset if offset >= 0 else None
