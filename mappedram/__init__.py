@@ -3,16 +3,28 @@
 from .errors import FormatError
 from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64, BitmapLayout
 from .mapper.blocks import MappedRamBlock, RamBlock, StreamRamBlock
+from .mapper.restore import extract, restore, restore_into
 from .mapper.snapshot import Snapshot, open
+from .mapper.verify import Report, verify
+from .mapper.writer import DeviceState, SnapshotWriter
+
+__version__ = "0.1.0"
 
 __all__ = [
     "BIG_ENDIAN_64",
     "LITTLE_ENDIAN_64",
     "BitmapLayout",
+    "DeviceState",
     "FormatError",
     "MappedRamBlock",
     "RamBlock",
+    "Report",
     "Snapshot",
+    "SnapshotWriter",
     "StreamRamBlock",
+    "extract",
     "open",
+    "restore",
+    "restore_into",
+    "verify",
 ]

@@ -87,8 +87,10 @@ POLICIES: Mapping[Mode, ModePolicy] = {
         | RamFlag.MULTIFD_FLUSH,
         pages_in_stream=True,
         block_has_mapped_ram_header=False,
-        # A file stream has one channel: pages are in order in the stream itself.
-        syncs={},
+        # A file stream has one writer channel: pages are in order in the stream itself.
+        # QEMU loads it inline; our parallel reader, once the pages are indexed, syncs
+        # its channels once at the end like mapped-ram.
+        syncs={Event.LOAD_END: Sync.LOCAL},
     ),
 }
 

@@ -48,6 +48,11 @@ class RamBlock:
         self._populated: int | None = None
 
     @property
+    def fd(self) -> int:
+        """The snapshot file's descriptor (for preadv into caller memory)."""
+        return self._src.fd
+
+    @property
     def num_pages(self) -> int:
         return self.used_length // self.page_size
 

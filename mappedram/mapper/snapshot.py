@@ -91,6 +91,7 @@ class Section:
     payload_length: int | None = None
     footer_offset: int | None = None
     command: str | None = None
+    end: int | None = None  # just past the footer (or the payload)
 
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -258,6 +259,15 @@ class Snapshot:
                 self.problems.append(Problem(offset, f"the VM description is not valid JSON: {err}"))
         return self._vmdesc
 
+    @property
+    def section_footers(self) -> bool:
+        """Whether sections end with a 0x7e footer (send-section-footer)."""
+        return bool(self._walk.footers)
+
+    def read_bytes(self, offset: int, length: int) -> bytes:
+        """Raw file bytes, bounds-checked."""
+        return self._src.read(offset, length, "the requested range")
+
     def block(self, name: str) -> RamBlock:
         try:
             return self.blocks[name]
@@ -287,7 +297,7 @@ class Snapshot:
             elif kind == SectionType.COMMAND:
                 body, w.pos = src.parse(S.CommandBody, off + 1, "a command (be16 cmd, be16 len, data)")
                 self._sections.append(Section("command", off, command=str(body.cmd),
-                                              payload_offset=off + 5, payload_length=body.length))
+                                              payload_offset=off + 5, payload_length=body.length, end=w.pos))
             elif kind == SectionType.EOF:
                 self._finish(off)
             else:
@@ -312,7 +322,8 @@ class Snapshot:
         else:
             end = self._device_payload(sec, pos)
         sec.payload_length = end - pos
-        return self._footer(sec, end)
+        sec.end = self._footer(sec, end)
+        return sec.end
 
     def _part_section(self, off: int, kind: SectionType) -> int:
         hdr, pos = self._src.parse(S.SectionHeaderPart, off + 1, "a section id")
@@ -322,7 +333,8 @@ class Snapshot:
         self._sections.append(sec)
         end = self._ram_payload(pos, opening=False) if is_ram else self._device_payload(sec, pos)
         sec.payload_length = end - pos
-        return self._footer(sec, end)
+        sec.end = self._footer(sec, end)
+        return sec.end
 
     def _footer(self, sec: Section, pos: int) -> int:
         w = self._walk
@@ -379,7 +391,7 @@ class Snapshot:
 
     def _finish(self, off: int) -> None:
         self.eof_offset = off
-        self._sections.append(Section("eof", off))
+        self._sections.append(Section("eof", off, end=off + 1))
         self._walk_done = True
         after = off + 1
         if self.vmdesc_location is not None:
@@ -437,10 +449,7 @@ class Snapshot:
                 self.problems.append(Problem(entry_offset, f"block {name!r}: used_length {entry.used_length} "
                                                            f"is not a multiple of the page size {block.page_size}"))
             self.blocks[name] = block
-            remaining -= entry.used_length
-            if remaining < 0:
-                self.problems.append(Problem(entry_offset, f"block lengths adding up to MEM_SIZE {total}, "
-                                                           f"found {total - remaining}"))
+            remaining -= entry.used_length  # verify reports a sum past MEM_SIZE
         return pos
 
     def _mapped_ram_block(self, entry: Any, entry_offset: int, pos: int) -> tuple[MappedRamBlock, int]:
@@ -521,6 +530,14 @@ class Snapshot:
                     raise FormatError(pos, "a zero page fill byte of 0", f"{mm[pos]:#04x}")
                 offsets[page] = -1
                 pos += 1
+
+    # -- restore ----------------------------------------------------------------------
+    def restore_into(self, targets: dict[str, Any], *, channels: int = 4, zero_fill: bool = True,
+                     progress: Any = None) -> Any:
+        """Fill writable buffers (block name -> numpy array, mmap, bytearray) in parallel."""
+        from .restore import restore_into
+
+        return restore_into(self, targets, channels=channels, zero_fill=zero_fill, progress=progress)
 
     # -- summaries ------------------------------------------------------------------
     def describe(self, sections: bool = True) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import mmap
 import os
 from typing import Any
 
-from construct import Construct, ConstructError, StreamError
+from construct import ConstError, Construct, ConstructError, StreamError
 
 from ..errors import FormatError
 
@@ -37,9 +37,11 @@ class _PreadStream:
 
 def _construct_reason(err: ConstructError) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    path = lines[0].removeprefix("Error in path ").replace("(parsing)", "").strip(" ->")
+    path = lines[0].removeprefix("Error in path ").replace("(parsing)", "").strip(" ->") if lines else ""
     reason = lines[-1].removeprefix("parsing ") if lines else type(err).__name__
-    return f"{reason} (field {path})" if path else reason
+    if isinstance(err, ConstError) and " but parsed " in reason:
+        reason = reason.split(" but parsed ", 1)[1]  # "expected X but parsed Y": X is in `what`
+    return f"{reason} in field {path}" if path else reason
 
 
 class Source:

@@ -1,0 +1,91 @@
+"""Channel threads: QEMU's multifd channels for a mapped-ram file, in Python.
+
+Each channel is a thread with its own file descriptor on the snapshot file, taking
+work from one shared queue, as multifd_send()/multifd_recv() hand work to whichever
+channel is free. The GIL is released inside os.pwritev/os.preadv, so the channels
+overlap their I/O. ``sync()`` is multifd_*_sync_main with MULTIFD_SYNC_LOCAL: wait
+until every queued item is done; nothing goes into the stream.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Callable, Generic, TypeVar
+
+Item = TypeVar("Item")
+_STOP = object()
+
+
+class Channels(Generic[Item]):
+    """``count`` worker threads running ``work(fd, item)`` for every submitted item."""
+
+    def __init__(self, path: str, count: int, flags: int, work: Callable[[int, Item], None],
+                 name: str = "channel") -> None:
+        if count < 1:
+            raise ValueError("at least one channel is needed")
+        self.syncs = 0
+        self._work = work
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=4 * count)
+        self._error: BaseException | None = None
+        self._fds: list[int] = []
+        self._threads: list[threading.Thread] = []
+        try:
+            for i in range(count):
+                fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+                self._fds.append(fd)
+                thread = threading.Thread(target=self._run, args=(fd,), name=f"{name}-{i}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, fd: int) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                if self._error is None:  # after a failure, drain without working
+                    self._work(fd, item)  # type: ignore[arg-type]
+            except BaseException as err:  # handed to the thread that syncs
+                self._error = self._error or err
+            finally:
+                self._queue.task_done()
+
+    def submit(self, item: Item) -> None:
+        if self._error is not None:
+            self._raise()
+        self._queue.put(item)
+
+    def sync(self) -> None:
+        """Wait until every submitted item is done; re-raise a channel's error here."""
+        self._queue.join()
+        self.syncs += 1
+        if self._error is not None:
+            self._raise()
+
+    def _raise(self) -> None:
+        err, self._error = self._error, None
+        assert err is not None
+        raise err
+
+    def close(self) -> None:
+        for thread in self._threads:
+            if thread.is_alive():
+                self._queue.put(_STOP)
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """os.pwrite until every byte is written (a short write is not an error)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)

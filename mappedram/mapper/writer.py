@@ -1,0 +1,356 @@
+"""The live mapped-ram writer: dirty rounds, channel threads, one sync per round.
+
+Like QEMU 10 with mapped-ram (+ multifd): the file is laid out up front (block list,
+MappedRamHeaders, 1 MiB-aligned page regions), every round writes the pages dirtied
+since the previous one at their fixed offsets through the channels, the channels sync
+once at the end of each round (never per batch, and no flush word enters the stream),
+and ``complete()`` writes the last round, the bitmaps, the END section, the device
+state and the description. The file is written under a temporary name and renamed over
+the destination only when complete and fsynced: a failed or interrupted save leaves
+any previous file untouched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping
+
+import numpy as np
+
+from ..formats import bitmap as bm
+from ..formats.bitmap import LITTLE_ENDIAN_64, BitmapLayout
+from ..formats.constants import CAP_MAPPED_RAM, RAM_IDSTR, RamFlag, SectionType, VmCommand
+from ..formats.policy import POLICIES, Event, Mode, Sync
+from .channels import Channels, pwrite_all
+from .encoder import BlockPlace, StreamEncoder, configuration_vmdesc, place_block
+
+DEFAULT_MACHINE = "pc-i440fx-10.0"
+DEFAULT_RAM_SECTION_ID = 2
+BATCH_BYTES = 1 << 20  # the most one channel item writes; like a multifd packet, but larger
+_DIGEST_PAGES = 4096  # pages digested per numpy call
+
+DelayHook = Callable[[str, int, int, int, memoryview], memoryview]
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """Non-RAM sections taken unchanged from an existing snapshot."""
+
+    sections: bytes  # headers, payloads and footers, in stream order
+    descriptions: list[dict[str, Any]]  # their entries of the VM description
+    ram_section_id: int
+    machine_type: str | None
+    footers: bool
+
+    @classmethod
+    def from_snapshot(cls, snap: Any) -> "DeviceState":
+        """Every section of ``snap`` that is not RAM, a command or EOF."""
+        parts = []
+        for sec in snap.sections:
+            if sec.kind in ("command", "eof") or sec.idstr == RAM_IDSTR:
+                continue
+            parts.append(snap.read_bytes(sec.offset, sec.end - sec.offset))
+        devices = (snap.vmdesc or {}).get("devices", [])
+        ram = next(s for s in snap.sections if s.idstr == RAM_IDSTR)
+        return cls(b"".join(parts), list(devices), ram.section_id, snap.machine_type, snap.section_footers)
+
+
+@dataclass
+class RoundStats:
+    round: int
+    pages_written: int
+    pages_zeroed: int
+    seconds: float
+
+
+@dataclass
+class _Block:
+    name: str
+    data: np.ndarray  # uint8 view of the caller's buffer, no copy
+    place: BlockPlace
+    pages: np.ndarray  # (num_pages, page_size) view
+    saved: np.ndarray  # bool per page: the bit that goes into the file bitmap
+    dirty: np.ndarray | None = None  # bool per page, for manual tracking
+    digests: np.ndarray | None = None  # uint64 per page, for digest tracking
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _punch_hole_fn() -> Callable[[int, int, int], None] | None:
+    """fallocate(PUNCH_HOLE | KEEP_SIZE), or None where the C library lacks it."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    libc = ctypes.CDLL(name, use_errno=True)
+    fallocate = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    if fallocate is None:
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+    def punch(fd: int, offset: int, length: int) -> None:
+        if fallocate(fd, 0x02 | 0x01, offset, length) != 0:  # PUNCH_HOLE | KEEP_SIZE
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise OSError(err, os.strerror(err))
+
+    return punch
+
+
+_PUNCH = _punch_hole_fn()
+
+
+class SnapshotWriter:
+    """Save named buffers as a QEMU 10 mapped-ram snapshot, live, in dirty rounds.
+
+    ``blocks``: name -> buffer (numpy array, mmap, bytearray...), each a multiple of
+    ``page_size`` long; the writer reads them in place. ``dirty_tracking``: "digest"
+    finds dirty pages by comparing per-page digests each round; "manual" trusts
+    ``mark_dirty()`` calls, like KVM's dirty log.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], blocks: Mapping[str, Any], *, channels: int = 1,
+                 page_size: int = 4096, machine_type: str | None = None, prefix: bytes = b"",
+                 bitmap_layout: BitmapLayout = LITTLE_ENDIAN_64,
+                 dirty_tracking: Literal["digest", "manual"] = "digest",
+                 devices: DeviceState | None = None, switchover_start: bool = True,
+                 punch_holes: bool = True, batch_bytes: int = BATCH_BYTES) -> None:
+        if page_size < 512 or page_size & (page_size - 1):
+            raise ValueError(f"page size {page_size} is not a power of two >= 512")
+        if dirty_tracking not in ("digest", "manual"):
+            raise ValueError("dirty_tracking is 'digest' or 'manual'")
+        self.path = os.fspath(path)
+        self.page_size = page_size
+        self.policy = POLICIES[Mode.MAPPED_RAM]
+        self.layout = bitmap_layout
+        self.devices = devices
+        self.machine_type = machine_type or (devices.machine_type if devices else None) or DEFAULT_MACHINE
+        self.switchover_start = switchover_start
+        self.punch_holes = punch_holes and _PUNCH is not None
+        self.batch_bytes = max(page_size, batch_bytes - batch_bytes % page_size)
+        self.tracking = dirty_tracking
+        self.rounds = 0
+        self._encoder = StreamEncoder(page_size, footers=devices.footers if devices else True)
+        self._ram_id = devices.ram_section_id if devices else DEFAULT_RAM_SECTION_ID
+        self._sync_per_round = True  # private debug switch: the ordering stress test turns it off
+        self._delay_hook: DelayHook | None = None  # private test hook, see tests/test_writer.py
+        self._digest_key = np.random.default_rng().integers(1, 2**63, page_size // 8, dtype=np.uint64) | 1
+        self._blocks = self._wrap_blocks(blocks, len(prefix))
+        self._done = False
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=directory)
+        self._fd = fd
+        self._channels: Channels[tuple[int, memoryview, str, int, int]] | None = None
+        try:
+            self._stream_pos = self._write_head(prefix)
+            self._channels = Channels(self._tmp, channels, os.O_WRONLY, self._channel_write, "save")
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- setup --------------------------------------------------------------------
+    def _wrap_blocks(self, blocks: Mapping[str, Any], start: int) -> dict[str, _Block]:
+        if not blocks:
+            raise ValueError("a snapshot needs at least one RAM block")
+        out = {}
+        for name, buf in blocks.items():
+            data = np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8)
+            if len(data) % self.page_size:
+                raise ValueError(f"block {name!r}: {len(data)} bytes is not a multiple of {self.page_size}")
+            if len(name.encode()) > 255:
+                raise ValueError(f"block name {name!r} is longer than 255 bytes")
+            num_pages = len(data) // self.page_size
+            out[name] = _Block(name, data, place=None,  # type: ignore[arg-type]  # placed in _write_head
+                               pages=data.reshape(num_pages, self.page_size),
+                               saved=np.zeros(num_pages, dtype=bool),
+                               dirty=np.ones(num_pages, dtype=bool) if self.tracking == "manual" else None)
+        return out
+
+    def _write_head(self, prefix: bytes) -> int:
+        """Prefix, QEVM header, configuration, RAM START with the block list, EOS."""
+        enc = self._encoder
+        caps = [CAP_MAPPED_RAM]
+        head = enc.header() + enc.configuration(self.machine_type, caps)
+        total = sum(len(b.data) for b in self._blocks.values())
+        head += enc.ram_start(self._ram_id) + enc.ram_word(total, RamFlag.MEM_SIZE)
+        pwrite_all(self._fd, memoryview(prefix + head), 0)
+        pos = len(prefix) + len(head)
+        for blk in self._blocks.values():
+            blk.place = place_block(blk.name, len(blk.data), self.page_size, pos, self.layout)
+            entry = enc.block_entry(blk.name, len(blk.data), blk.place)
+            pwrite_all(self._fd, memoryview(entry), pos)
+            pos = blk.place.resume_offset
+        tail = enc.ram_word(0, RamFlag.EOS) + enc.footer(self._ram_id)
+        pwrite_all(self._fd, memoryview(tail), pos)
+        self._vmdesc_config = configuration_vmdesc(self.machine_type, caps)
+        return pos + len(tail)
+
+    # -- dirty tracking -------------------------------------------------------------
+    def mark_dirty(self, block: str, pages: Any) -> None:
+        """Tell the writer that ``pages`` (indices, a slice or a bool mask) of ``block`` changed."""
+        blk = self._blocks[block]
+        if blk.dirty is None:
+            raise RuntimeError("mark_dirty() needs dirty_tracking='manual'")
+        with blk.lock:
+            blk.dirty[pages] = True
+
+    def _take_dirty(self, blk: _Block) -> np.ndarray:
+        """The pages to save this round; their dirty state is reset BEFORE they are written,
+        so a change racing with the write is seen again next round."""
+        if blk.dirty is not None:
+            with blk.lock:
+                dirty, blk.dirty = blk.dirty, np.zeros_like(blk.dirty)
+            return dirty
+        digests = np.empty(len(blk.pages), dtype=np.uint64)
+        words = blk.data.view(np.uint64).reshape(len(blk.pages), -1) if len(blk.data) else blk.pages
+        for start in range(0, len(blk.pages), _DIGEST_PAGES):
+            np.dot(words[start : start + _DIGEST_PAGES], self._digest_key, out=digests[start : start + _DIGEST_PAGES])
+        if blk.digests is None:
+            dirty = np.ones(len(blk.pages), dtype=bool)
+        else:
+            dirty = digests != blk.digests
+        blk.digests = digests
+        return dirty
+
+    def _zero_pages(self, blk: _Block, dirty: np.ndarray) -> np.ndarray:
+        zero = np.zeros(len(dirty), dtype=bool)
+        starts, lengths = bm.runs(dirty)
+        for start, length in zip(starts.tolist(), lengths.tolist()):
+            zero[start : start + length] = ~blk.pages[start : start + length].any(axis=1)
+        return zero
+
+    # -- rounds ---------------------------------------------------------------------
+    def save_round(self) -> RoundStats:
+        """Write every page dirtied since the previous round (round 0: every page)."""
+        self._check_open()
+        began = time.perf_counter()
+        assert self._channels is not None
+        written = zeroed = 0
+        for blk in self._blocks.values():
+            dirty = self._take_dirty(blk)
+            if not dirty.any():
+                continue
+            zero = self._zero_pages(blk, dirty)
+            write = dirty & ~zero
+            cleared = dirty & zero
+            stale = cleared & blk.saved
+            blk.saved[write] = True
+            blk.saved[cleared] = False
+            written += int(write.sum())
+            zeroed += int(cleared.sum())
+            if self.punch_holes and stale.any():
+                self._punch(blk, stale)
+            self._queue_pages(blk, write)
+        if self.policy.sync_at(Event.ROUND_END) is Sync.LOCAL and self._sync_per_round:
+            self._channels.sync()
+        part = self._encoder.ram_eos_section(SectionType.SECTION_PART, self._ram_id)
+        self._append(part)
+        stats = RoundStats(self.rounds, written, zeroed, time.perf_counter() - began)
+        self.rounds += 1
+        return stats
+
+    def _queue_pages(self, blk: _Block, write: np.ndarray) -> None:
+        assert self._channels is not None
+        ps = self.page_size
+        per_batch = self.batch_bytes // ps
+        view = memoryview(blk.data)
+        starts, lengths = bm.runs(write)
+        for start, length in zip(starts.tolist(), lengths.tolist()):
+            for first in range(start, start + length, per_batch):
+                count = min(per_batch, start + length - first)
+                self._channels.submit((blk.place.pages_offset + first * ps,
+                                       view[first * ps : (first + count) * ps], blk.name, first, count))
+
+    def _channel_write(self, fd: int, item: tuple[int, memoryview, str, int, int]) -> None:
+        offset, data, name, first, count = item
+        if self._delay_hook is not None:
+            data = self._delay_hook(name, self.rounds, first, count, data)
+        pwrite_all(fd, data, offset)
+
+    def _punch(self, blk: _Block, stale: np.ndarray) -> None:
+        assert _PUNCH is not None
+        starts, lengths = bm.runs(stale)
+        for start, length in zip(starts.tolist(), lengths.tolist()):
+            _PUNCH(self._fd, blk.place.pages_offset + start * self.page_size, length * self.page_size)
+
+    def _append(self, data: bytes) -> None:
+        pwrite_all(self._fd, memoryview(data), self._stream_pos)
+        self._stream_pos += len(data)
+
+    @property
+    def syncs(self) -> int:
+        """Channel syncs so far: one per round."""
+        return self._channels.syncs if self._channels else 0
+
+    # -- completion -----------------------------------------------------------------
+    def complete(self) -> RoundStats:
+        """Final round (the caller has paused its writers), bitmaps, device state, EOF,
+        description; fsync, then rename over the destination."""
+        self._check_open()
+        try:
+            stats = self.save_round()
+            assert self._channels is not None
+            if not self._sync_per_round:  # the debug switch never skips the final sync
+                self._channels.sync()
+            for blk in self._blocks.values():
+                pwrite_all(self._fd, memoryview(self.layout.pack(blk.saved)), blk.place.bitmap_offset)
+            enc = self._encoder
+            tail = b""
+            if self.switchover_start:
+                tail += enc.command(VmCommand.SWITCHOVER_START)
+            tail += enc.ram_eos_section(SectionType.SECTION_END, self._ram_id)
+            tail += self.devices.sections if self.devices else b""
+            tail += enc.eof({"configuration": self._vmdesc_config, "page_size": self.page_size,
+                             "devices": self.devices.descriptions if self.devices else []})
+            self._append(tail)
+            os.ftruncate(self._fd, self._stream_pos)
+            os.fsync(self._fd)
+            self._close_files()
+            os.replace(self._tmp, self.path)
+            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+            self._done = True
+        except BaseException:
+            self.abort()
+            raise
+        return stats
+
+    def abort(self) -> None:
+        """Drop the partial file; the destination is left as it was."""
+        self._close_files()
+        if not self._done:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._done = True
+
+    def _close_files(self) -> None:
+        if self._channels is not None:
+            self._channels.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _check_open(self) -> None:
+        if self._done or self._fd < 0:
+            raise RuntimeError("this save is already complete or aborted")
+
+    def __enter__(self) -> "SnapshotWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._done:
+            self.abort()
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
