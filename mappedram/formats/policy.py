@@ -49,13 +49,18 @@ class ModePolicy:
 
     def word_problem(self, flags: int) -> str | None:
         """Why a RAM word with these flag bits is not allowed here, or None."""
-        bad = RamFlag(flags) & ~self.valid_flags
-        if bad:
-            return f"RAM flags valid under {self.mode.value} ({self.valid_flags!s})"
-        unsupported = RamFlag(flags) & ~self.decoded_flags
-        if unsupported:
-            return f"RAM flags this reader decodes ({self.decoded_flags!s})"
+        if flags & ~self.valid_flags:
+            return f"RAM flags valid under {self.mode.value} ({flag_names(self.valid_flags)})"
+        if flags & ~self.decoded_flags:
+            return f"RAM flags this reader decodes ({flag_names(self.decoded_flags)})"
         return None
+
+
+def flag_names(flags: int) -> str:
+    """``MEM_SIZE|EOS`` for 0x14; unknown bits in hex."""
+    names = [f.name for f in RamFlag if f.name and flags & f]
+    rest = flags & ~sum(RamFlag)
+    return "|".join(names + ([f"{rest:#x}"] if rest else [])) or "0"
 
 
 POLICIES: Mapping[Mode, ModePolicy] = {

@@ -126,7 +126,7 @@ class Snapshot:
         self.ram_total: int | None = None
         self.ram_section_offset: int | None = None
         self.blocks: dict[str, RamBlock] = {}
-        self.eof_offset: int | None = None
+        self._eof_offset: int | None = None
         self._sections: list[Section] = []
         self._vmdesc: dict[str, Any] | None = None
         self._vmdesc_error: str | None = None
@@ -189,7 +189,7 @@ class Snapshot:
             data_len=raw.data_len, was_running=raw.was_running, format=str(raw.format),
             cookie_offset=raw.cookie_offset)
         if not self.libvirt.complete:
-            self.problems.append(Problem(0, "libvirt header says the save is incomplete (LibvirtQemudPart)"))
+            self.problems.append(Problem(0, "expected a complete libvirt save (LibvirtQemudSave), found LibvirtQemudPart"))
         start = self.libvirt.stream_start
         src.require(start, 8, "the QEMU stream behind the libvirt header (92 + data_len)")
         return start
@@ -244,6 +244,12 @@ class Snapshot:
         return self._sections
 
     @property
+    def eof_offset(self) -> int | None:
+        """File offset of the EOF byte (walks the stream)."""
+        self._advance()
+        return self._eof_offset
+
+    @property
     def devices(self) -> list[Section]:
         """The FULL device sections (everything but RAM)."""
         return [s for s in self.sections if s.kind == "full" and s.idstr != RAM_IDSTR]
@@ -256,7 +262,7 @@ class Snapshot:
                 self._vmdesc = load_vmdesc(self._src, offset, length)
             except ValueError as err:  # json errors, or FormatError
                 self._vmdesc_error = str(err)
-                self.problems.append(Problem(offset, f"the VM description is not valid JSON: {err}"))
+                self.problems.append(Problem(offset, f"expected a VM description in JSON, found {err}"))
         return self._vmdesc
 
     @property
@@ -303,7 +309,7 @@ class Snapshot:
             else:
                 raise FormatError(off, "a section, command or EOF", f"{kind.name} ({byte:#04x})")
         if until_ram_start and not w.ram_start_done:
-            raise FormatError(self.eof_offset or off, "a RAM section before EOF", "none")
+            raise FormatError(self._eof_offset or off, "a RAM section before EOF", "none")
 
     def _full_section(self, off: int, kind: SectionType) -> int:
         hdr, pos = self._src.parse(S.SectionHeaderFull, off + 1, "a section header (id, idstr, instance, version)")
@@ -314,7 +320,7 @@ class Snapshot:
             if self._walk.ram_section_id is not None:
                 raise FormatError(off, "one RAM section", "a second START/FULL for 'ram'")
             if hdr.version_id != RAM_SECTION_VERSION:
-                self.problems.append(Problem(off, f"RAM section version {RAM_SECTION_VERSION}, found {hdr.version_id}"))
+                self.problems.append(Problem(off, f"expected RAM section version {RAM_SECTION_VERSION}, found {hdr.version_id}"))
             self._walk.ram_section_id = hdr.section_id
             self.ram_section_offset = off
             end = self._ram_payload(pos, opening=True)
@@ -344,12 +350,12 @@ class Snapshot:
             return pos
         marker = self._src.byte(pos, "a section footer")
         if marker != SectionType.SECTION_FOOTER:
-            self.problems.append(Problem(pos, f"a section footer (0x7e) for {sec.idstr or sec.section_id}, found {marker:#04x}"))
+            self.problems.append(Problem(pos, f"expected a section footer (0x7e) for {sec.idstr or sec.section_id}, found {marker:#04x}"))
             return pos
         footer, end = self._src.parse(S.SectionFooter, pos, "a section footer")
         sec.footer_offset = pos
         if footer.section_id != sec.section_id:
-            self.problems.append(Problem(pos, f"footer of section {sec.section_id} ({sec.idstr}), "
+            self.problems.append(Problem(pos, f"expected the footer of section {sec.section_id} ({sec.idstr}), "
                                               f"found id {footer.section_id}"))
         return end
 
@@ -363,12 +369,12 @@ class Snapshot:
                 try:
                     size = device_payload_size(dev)
                 except (KeyError, TypeError, ValueError):
-                    self.problems.append(Problem(pos, f"usable field sizes in the VM description of {sec.idstr}"))
+                    self.problems.append(Problem(pos, f"expected usable field sizes in the VM description of {sec.idstr}, found none"))
                 else:
                     self._src.require(pos, size, f"device state of {sec.idstr} (size from the VM description)")
                     return pos + size
             else:
-                self.problems.append(Problem(sec.offset, f"section {sec.idstr!r} in the VM description's order, "
+                self.problems.append(Problem(sec.offset, f"expected section {sec.idstr!r} in the VM description's order, "
                                                          f"found {dev.get('name') if isinstance(dev, dict) else dev!r}"))
         if w.footers is False:
             raise FormatError(pos, f"a VM description or section footers to delimit {sec.idstr or sec.section_id}", "neither")
@@ -390,16 +396,16 @@ class Snapshot:
         raise FormatError(pos, f"the footer of section {sec.idstr or sec.section_id}", "none before the end of the file")
 
     def _finish(self, off: int) -> None:
-        self.eof_offset = off
+        self._eof_offset = off
         self._sections.append(Section("eof", off, end=off + 1))
         self._walk_done = True
         after = off + 1
         if self.vmdesc_location is not None:
             if self.vmdesc_location[0] != after:
-                self.problems.append(Problem(after, f"the VM description right after EOF, found it at "
+                self.problems.append(Problem(after, f"expected the VM description right after EOF, found it at "
                                                     f"{self.vmdesc_location[0]:#x}"))
         elif after != self.size:
-            self.problems.append(Problem(after, f"the VM description or the end of the file after EOF, "
+            self.problems.append(Problem(after, f"expected the VM description or the end of the file after EOF, "
                                                 f"found {self.size - after} other bytes"))
         for block in self.blocks.values():
             if isinstance(block, StreamRamBlock):
@@ -446,8 +452,8 @@ class Snapshot:
                 block = StreamRamBlock(self._src, name, entry.used_length, self.page_size, entry_offset,
                                        entry.addr, self._advance)
             if entry.used_length % block.page_size:
-                self.problems.append(Problem(entry_offset, f"block {name!r}: used_length {entry.used_length} "
-                                                           f"is not a multiple of the page size {block.page_size}"))
+                self.problems.append(Problem(entry_offset, f"expected block {name!r}'s used_length to be a multiple "
+                                                           f"of the page size {block.page_size}, found {entry.used_length}"))
             self.blocks[name] = block
             remaining -= entry.used_length  # verify reports a sum past MEM_SIZE
         return pos
@@ -562,7 +568,7 @@ class Snapshot:
         }
         if sections:
             out["sections"] = [s.describe() for s in self.sections]
-            out["eof_offset"] = self.eof_offset
+            out["eof_offset"] = self._eof_offset
         return out
 
 

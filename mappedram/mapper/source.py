@@ -72,7 +72,7 @@ class Source:
         """Raise unless [offset, offset + length) lies inside the file."""
         if offset < 0 or length < 0 or offset + length > self.size:
             raise FormatError(
-                offset, f"{what} of {length} bytes inside the file", f"the file ends at {self.size:#x}"
+                offset, f"{what} ({length} bytes) inside the file", f"the file ends at {self.size:#x}"
             )
 
     def read(self, offset: int, length: int, what: str) -> bytes:

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..formats import bitmap as bm
 from ..formats.bitmap import LITTLE_ENDIAN_64, BitmapLayout
-from ..formats.constants import CAP_MAPPED_RAM, RAM_IDSTR, RamFlag, SectionType, VmCommand
+from ..formats.constants import CAP_MAPPED_RAM, MAPPED_RAM_ALIGNMENT, RAM_IDSTR, RamFlag, SectionType, VmCommand
 from ..formats.policy import POLICIES, Event, Mode, Sync
 from .channels import Channels, pwrite_all
 from .encoder import BlockPlace, StreamEncoder, configuration_vmdesc, place_block
@@ -111,7 +111,9 @@ class SnapshotWriter:
     ``blocks``: name -> buffer (numpy array, mmap, bytearray...), each a multiple of
     ``page_size`` long; the writer reads them in place. ``dirty_tracking``: "digest"
     finds dirty pages by comparing per-page digests each round; "manual" trusts
-    ``mark_dirty()`` calls, like KVM's dirty log.
+    ``mark_dirty()`` calls, like KVM's dirty log. ``alignment``: where page regions
+    start (QEMU: 1 MiB; its loader only needs page alignment). ``prefix``: bytes kept
+    in front of the stream, e.g. a libvirt header; the offsets in the file stay absolute.
     """
 
     def __init__(self, path: str | os.PathLike[str], blocks: Mapping[str, Any], *, channels: int = 1,
@@ -119,9 +121,13 @@ class SnapshotWriter:
                  bitmap_layout: BitmapLayout = LITTLE_ENDIAN_64,
                  dirty_tracking: Literal["digest", "manual"] = "digest",
                  devices: DeviceState | None = None, switchover_start: bool = True,
-                 punch_holes: bool = True, batch_bytes: int = BATCH_BYTES) -> None:
+                 punch_holes: bool = True, batch_bytes: int = BATCH_BYTES,
+                 alignment: int = MAPPED_RAM_ALIGNMENT) -> None:
         if page_size < 512 or page_size & (page_size - 1):
             raise ValueError(f"page size {page_size} is not a power of two >= 512")
+        if alignment < page_size or alignment % page_size:
+            raise ValueError(f"alignment {alignment} is not a multiple of the page size {page_size}")
+        self.alignment = alignment
         if dirty_tracking not in ("digest", "manual"):
             raise ValueError("dirty_tracking is 'digest' or 'manual'")
         self.path = os.fspath(path)
@@ -181,7 +187,7 @@ class SnapshotWriter:
         pwrite_all(self._fd, memoryview(prefix + head), 0)
         pos = len(prefix) + len(head)
         for blk in self._blocks.values():
-            blk.place = place_block(blk.name, len(blk.data), self.page_size, pos, self.layout)
+            blk.place = place_block(blk.name, len(blk.data), self.page_size, pos, self.layout, self.alignment)
             entry = enc.block_entry(blk.name, len(blk.data), blk.place)
             pwrite_all(self._fd, memoryview(entry), pos)
             pos = blk.place.resume_offset
