@@ -1,0 +1,107 @@
+"""dump and verify of huge sparse mapped-ram snapshots: time and peak memory.
+
+Builds, with the project's schemas, snapshots of guests of 1 GiB, 64 GiB and 1 TiB
+(sparse files: a real bitmap with every 97th page set, the pages themselves holes),
+then runs ``mappedram dump`` and ``mappedram verify`` on each as child processes and
+prints wall time and peak RSS side by side. Memory must not grow with the guest;
+the baseline column is ``mappedram --version`` (the interpreter and imports alone).
+
+    python bench/bench_huge.py [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from mappedram.formats.bitmap import LITTLE_ENDIAN_64
+from mappedram.formats.constants import CAP_MAPPED_RAM, RamFlag, SectionType, VmCommand
+from mappedram.mapper.encoder import StreamEncoder, configuration_vmdesc, place_block
+
+PAGE = 4096
+EVERY = 97
+
+
+def build_sparse_snapshot(path: str, ram_bytes: int) -> int:
+    """A one-block mapped-ram file for a guest of ``ram_bytes``; returns pages set."""
+    enc = StreamEncoder(PAGE)
+    head = enc.header() + enc.configuration("pc-q35-10.0", [CAP_MAPPED_RAM])
+    head += enc.ram_start(2) + enc.ram_word(ram_bytes, RamFlag.MEM_SIZE)
+    place = place_block("pc.ram", ram_bytes, PAGE, len(head), LITTLE_ENDIAN_64)
+    num_pages = ram_bytes // PAGE
+    with open(path, "wb") as f:
+        f.write(head + enc.block_entry("pc.ram", ram_bytes, place))
+        set_pages = 0
+        chunk_pages = 1 << 23  # 1 MiB of bitmap at a time: keeps this process small, since
+        # a child started by fork inherits its RSS into ru_maxrss
+        for first in range(0, num_pages, chunk_pages):
+            count = min(chunk_pages, num_pages - first)
+            present = (np.arange(first, first + count) % EVERY) == 0
+            set_pages += int(present.sum())
+            f.seek(place.bitmap_offset + first // 8)
+            f.write(np.packbits(present, bitorder="little").tobytes())
+        f.seek(place.resume_offset)
+        tail = enc.ram_word(0, RamFlag.EOS) + enc.footer(2)
+        tail += enc.command(VmCommand.SWITCHOVER_START)
+        tail += enc.ram_eos_section(SectionType.SECTION_END, 2)
+        tail += enc.eof({"configuration": configuration_vmdesc("pc-q35-10.0", [CAP_MAPPED_RAM]),
+                         "page_size": PAGE, "devices": []})
+        f.write(tail)
+    return set_pages
+
+
+# Peak RSS of the child's own address space (VmHWM). ru_maxrss from wait4 would also
+# count this process, whose memory the child carries until it execs.
+_PEAK = (
+    "import sys\n"
+    "from mappedram.cli import main\n"
+    "try:\n"
+    "    code = main(sys.argv[1:])\n"
+    "finally:\n"
+    "    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+    "    print('VmHWM', hwm, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def run(args: list[str]) -> tuple[float, int, int]:
+    """(seconds, peak RSS in KiB, exit code) of ``mappedram ARGS`` in a child process."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _PEAK, *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    peak = int(proc.stderr.split("VmHWM")[-1].split()[0])
+    return seconds, peak, proc.returncode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default=None, help="where to put the sparse files (default: a temp dir)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        base_t, base_rss, _ = run(["--version"])
+        print(f"baseline `mappedram --version`: {base_t:6.2f} s, peak RSS {base_rss / 1024:7.1f} MiB")
+        print(f"{'guest RAM':>10} {'file (apparent)':>16} {'on disk':>10} {'bitmap':>10} "
+              f"{'dump s':>7} {'dump RSS MiB':>12} {'verify s':>8} {'verify RSS MiB':>14}")
+        for gib in (1, 64, 1024):
+            path = os.path.join(tmp, f"guest-{gib}g.bin")
+            pages = build_sparse_snapshot(path, gib << 30)
+            st = os.stat(path)
+            dump_t, dump_rss, dump_rc = run(["dump", path])
+            ver_t, ver_rss, ver_rc = run(["verify", path])
+            assert dump_rc == 0 and ver_rc == 0, (dump_rc, ver_rc)
+            bitmap = (gib << 30) // PAGE // 8
+            print(f"{gib:>7} GiB {st.st_size / 2**30:>12.1f} GiB {st.st_blocks * 512 / 2**20:>6.1f} MiB "
+                  f"{bitmap / 2**20:>6.1f} MiB {dump_t:>7.2f} {dump_rss / 1024:>12.1f} "
+                  f"{ver_t:>8.2f} {ver_rss / 1024:>14.1f}   ({pages} pages set)")
+            os.unlink(path)
+
+
+if __name__ == "__main__":
+    main()
