@@ -36,7 +36,9 @@ DEFAULT_RAM_SECTION_ID = 2
 BATCH_BYTES = 1 << 20  # the most one channel item writes; like a multifd packet, but larger
 _DIGEST_PAGES = 4096  # pages digested per numpy call
 
+# (block, round, first page, page count, data) -> the data to write
 DelayHook = Callable[[str, int, int, int, memoryview], memoryview]
+_Batch = tuple[int, memoryview, str, int, int, int]  # file offset, data, block, round, first, count
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ class SnapshotWriter:
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=directory)
         self._fd = fd
-        self._channels: Channels[tuple[int, memoryview, str, int, int]] | None = None
+        self._channels: Channels[_Batch] | None = None
         try:
             self._stream_pos = self._write_head(prefix)
             self._channels = Channels(self._tmp, channels, os.O_WRONLY, self._channel_write, "save")
@@ -270,12 +272,12 @@ class SnapshotWriter:
             for first in range(start, start + length, per_batch):
                 count = min(per_batch, start + length - first)
                 self._channels.submit((blk.place.pages_offset + first * ps,
-                                       view[first * ps : (first + count) * ps], blk.name, first, count))
+                                       view[first * ps : (first + count) * ps], blk.name, self.rounds, first, count))
 
-    def _channel_write(self, fd: int, item: tuple[int, memoryview, str, int, int]) -> None:
-        offset, data, name, first, count = item
+    def _channel_write(self, fd: int, item: _Batch) -> None:
+        offset, data, name, round_, first, count = item
         if self._delay_hook is not None:
-            data = self._delay_hook(name, self.rounds, first, count, data)
+            data = self._delay_hook(name, round_, first, count, data)
         pwrite_all(fd, data, offset)
 
     def _punch(self, blk: _Block, stale: np.ndarray) -> None:
