@@ -34,11 +34,13 @@ from .encoder import BlockPlace, StreamEncoder, configuration_vmdesc, place_bloc
 DEFAULT_MACHINE = "pc-i440fx-10.0"
 DEFAULT_RAM_SECTION_ID = 2
 BATCH_BYTES = 1 << 20  # the most one channel item writes; like a multifd packet, but larger
-_DIGEST_PAGES = 4096  # pages digested per numpy call
+_SCAN_PAGES = 8192  # pages digested, zero-checked and queued at a time (32 MiB of 4 KiB pages)
 
-# (block, round, first page, page count, data) -> the data to write
-DelayHook = Callable[[str, int, int, int, memoryview], memoryview]
-_Batch = tuple[int, memoryview, str, int, int, int]  # file offset, data, block, round, first, count
+# Test hook, called as a batch is handed to the channels: (block, round, first page,
+# page count, data) -> (the data the channel will write, seconds it waits first). It
+# models a channel that took its bytes at dispatch but whose write lands late.
+DelayHook = Callable[[str, int, int, int, memoryview], tuple[Any, float]]
+_Batch = tuple[int, Any, float]  # file offset, data, delay
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ class SnapshotWriter:
     ``mark_dirty()`` calls, like KVM's dirty log. ``alignment``: where page regions
     start (QEMU: 1 MiB; its loader only needs page alignment). ``prefix``: bytes kept
     in front of the stream, e.g. a libvirt header; the offsets in the file stay absolute.
+    ``fsync``: flush the file and its directory before and after the rename (off: like
+    QEMU, which leaves flushing to the caller).
     """
 
     def __init__(self, path: str | os.PathLike[str], blocks: Mapping[str, Any], *, channels: int = 1,
@@ -124,12 +128,13 @@ class SnapshotWriter:
                  dirty_tracking: Literal["digest", "manual"] = "digest",
                  devices: DeviceState | None = None, switchover_start: bool = True,
                  punch_holes: bool = True, batch_bytes: int = BATCH_BYTES,
-                 alignment: int = MAPPED_RAM_ALIGNMENT) -> None:
+                 alignment: int = MAPPED_RAM_ALIGNMENT, fsync: bool = True) -> None:
         if page_size < 512 or page_size & (page_size - 1):
             raise ValueError(f"page size {page_size} is not a power of two >= 512")
         if alignment < page_size or alignment % page_size:
             raise ValueError(f"alignment {alignment} is not a multiple of the page size {page_size}")
         self.alignment = alignment
+        self.fsync = fsync
         if dirty_tracking not in ("digest", "manual"):
             raise ValueError("dirty_tracking is 'digest' or 'manual'")
         self.path = os.fspath(path)
@@ -207,82 +212,95 @@ class SnapshotWriter:
         with blk.lock:
             blk.dirty[pages] = True
 
-    def _take_dirty(self, blk: _Block) -> np.ndarray:
-        """The pages to save this round; their dirty state is reset BEFORE they are written,
-        so a change racing with the write is seen again next round."""
-        if blk.dirty is not None:
-            with blk.lock:
-                dirty, blk.dirty = blk.dirty, np.zeros_like(blk.dirty)
-            return dirty
-        digests = np.empty(len(blk.pages), dtype=np.uint64)
-        words = blk.data.view(np.uint64).reshape(len(blk.pages), -1) if len(blk.data) else blk.pages
-        for start in range(0, len(blk.pages), _DIGEST_PAGES):
-            np.dot(words[start : start + _DIGEST_PAGES], self._digest_key, out=digests[start : start + _DIGEST_PAGES])
-        if blk.digests is None:
-            dirty = np.ones(len(blk.pages), dtype=bool)
-        else:
-            dirty = digests != blk.digests
-        blk.digests = digests
+    def _take_manual_dirty(self, blk: _Block) -> np.ndarray:
+        """The pages marked since the last round; the marks are reset BEFORE the pages are
+        written, so a change racing with the write is saved again next round."""
+        assert blk.dirty is not None
+        with blk.lock:
+            dirty, blk.dirty = blk.dirty, np.zeros_like(blk.dirty)
         return dirty
 
-    def _zero_pages(self, blk: _Block, dirty: np.ndarray) -> np.ndarray:
-        zero = np.zeros(len(dirty), dtype=bool)
-        starts, lengths = bm.runs(dirty)
-        for start, length in zip(starts.tolist(), lengths.tolist()):
-            zero[start : start + length] = ~blk.pages[start : start + length].any(axis=1)
-        return zero
+    def _digest_dirty(self, blk: _Block, start: int, end: int, final: bool) -> np.ndarray:
+        """Pages [start, end) whose digest changed; the new digests are stored BEFORE the
+        pages are written, so a change racing with the write differs next round."""
+        count = end - start
+        if blk.digests is None and final:
+            return np.ones(count, dtype=bool)  # a one-shot save: no later round needs digests
+        if blk.digests is None:
+            blk.digests = np.zeros(len(blk.pages), dtype=np.uint64)
+            first_time = True
+        else:
+            first_time = False
+        words = blk.pages[start:end].view(np.uint64)
+        digests = np.dot(words, self._digest_key)
+        dirty = np.ones(count, dtype=bool) if first_time else digests != blk.digests[start:end]
+        blk.digests[start:end] = digests
+        return dirty
 
     # -- rounds ---------------------------------------------------------------------
-    def save_round(self) -> RoundStats:
-        """Write every page dirtied since the previous round (round 0: every page)."""
+    def save_round(self, *, _final: bool = False) -> RoundStats:
+        """Write every page dirtied since the previous round (round 0: every page).
+
+        Pages are scanned in chunks and each chunk is queued at once, so the channels
+        write while the main thread digests and zero-checks the next chunk."""
         self._check_open()
         began = time.perf_counter()
         assert self._channels is not None
         written = zeroed = 0
         for blk in self._blocks.values():
-            dirty = self._take_dirty(blk)
-            if not dirty.any():
-                continue
-            zero = self._zero_pages(blk, dirty)
-            write = dirty & ~zero
-            cleared = dirty & zero
-            stale = cleared & blk.saved
-            blk.saved[write] = True
-            blk.saved[cleared] = False
-            written += int(write.sum())
-            zeroed += int(cleared.sum())
-            if self.punch_holes and stale.any():
-                self._punch(blk, stale)
-            self._queue_pages(blk, write)
-        if self.policy.sync_at(Event.ROUND_END) is Sync.LOCAL and self._sync_per_round:
-            self._channels.sync()
+            manual = self._take_manual_dirty(blk) if blk.dirty is not None else None
+            for start in range(0, len(blk.pages), _SCAN_PAGES):
+                end = min(len(blk.pages), start + _SCAN_PAGES)
+                dirty = manual[start:end] if manual is not None else self._digest_dirty(blk, start, end, _final)
+                if not dirty.any():
+                    continue
+                zero = np.zeros(len(dirty), dtype=bool)
+                runs = list(zip(*(r.tolist() for r in bm.runs(dirty))))
+                for first, count in runs:
+                    zero[first : first + count] = ~blk.pages[start + first : start + first + count].any(axis=1)
+                write = dirty & ~zero
+                cleared = dirty & zero
+                saved = blk.saved[start:end]
+                stale = cleared & saved
+                saved[write] = True
+                saved[cleared] = False
+                written += int(write.sum())
+                zeroed += int(cleared.sum())
+                if self.punch_holes and stale.any():
+                    self._punch(blk, stale, start)
+                self._queue_pages(blk, write, start)
+        if self.policy.sync_at(Event.ROUND_END) is Sync.LOCAL and (self._sync_per_round or _final):
+            self._channels.sync()  # the debug switch never skips the final round's sync
         part = self._encoder.ram_eos_section(SectionType.SECTION_PART, self._ram_id)
         self._append(part)
         stats = RoundStats(self.rounds, written, zeroed, time.perf_counter() - began)
         self.rounds += 1
         return stats
 
-    def _queue_pages(self, blk: _Block, write: np.ndarray) -> None:
+    def _queue_pages(self, blk: _Block, write: np.ndarray, base: int) -> None:
         assert self._channels is not None
         ps = self.page_size
         per_batch = self.batch_bytes // ps
         view = memoryview(blk.data)
-        starts, lengths = bm.runs(write)
+        starts, lengths = bm.runs(write, base)
         for start, length in zip(starts.tolist(), lengths.tolist()):
             for first in range(start, start + length, per_batch):
                 count = min(per_batch, start + length - first)
-                self._channels.submit((blk.place.pages_offset + first * ps,
-                                       view[first * ps : (first + count) * ps], blk.name, self.rounds, first, count))
+                data: Any = view[first * ps : (first + count) * ps]
+                delay = 0.0
+                if self._delay_hook is not None:
+                    data, delay = self._delay_hook(blk.name, self.rounds, first, count, data)
+                self._channels.submit((blk.place.pages_offset + first * ps, data, delay))
 
     def _channel_write(self, fd: int, item: _Batch) -> None:
-        offset, data, name, round_, first, count = item
-        if self._delay_hook is not None:
-            data = self._delay_hook(name, round_, first, count, data)
-        pwrite_all(fd, data, offset)
+        offset, data, delay = item
+        if delay:
+            time.sleep(delay)
+        pwrite_all(fd, memoryview(data), offset)
 
-    def _punch(self, blk: _Block, stale: np.ndarray) -> None:
+    def _punch(self, blk: _Block, stale: np.ndarray, base: int) -> None:
         assert _PUNCH is not None
-        starts, lengths = bm.runs(stale)
+        starts, lengths = bm.runs(stale, base)
         for start, length in zip(starts.tolist(), lengths.tolist()):
             _PUNCH(self._fd, blk.place.pages_offset + start * self.page_size, length * self.page_size)
 
@@ -301,10 +319,7 @@ class SnapshotWriter:
         description; fsync, then rename over the destination."""
         self._check_open()
         try:
-            stats = self.save_round()
-            assert self._channels is not None
-            if not self._sync_per_round:  # the debug switch never skips the final sync
-                self._channels.sync()
+            stats = self.save_round(_final=True)
             for blk in self._blocks.values():
                 pwrite_all(self._fd, memoryview(self.layout.pack(blk.saved)), blk.place.bitmap_offset)
             enc = self._encoder
@@ -317,10 +332,12 @@ class SnapshotWriter:
                              "devices": self.devices.descriptions if self.devices else []})
             self._append(tail)
             os.ftruncate(self._fd, self._stream_pos)
-            os.fsync(self._fd)
+            if self.fsync:
+                os.fsync(self._fd)
             self._close_files()
             os.replace(self._tmp, self.path)
-            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+            if self.fsync:
+                _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
             self._done = True
         except BaseException:
             self.abort()
