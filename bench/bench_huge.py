@@ -50,8 +50,9 @@ def build_sparse_snapshot(path: str, ram_bytes: int) -> int:
         tail = enc.ram_word(0, RamFlag.EOS) + enc.footer(2)
         tail += enc.command(VmCommand.SWITCHOVER_START)
         tail += enc.ram_eos_section(SectionType.SECTION_END, 2)
-        tail += enc.eof({"configuration": configuration_vmdesc("pc-q35-10.0", [CAP_MAPPED_RAM]),
-                         "page_size": PAGE, "devices": []})
+        tail += enc.eof(
+            {"configuration": configuration_vmdesc("pc-q35-10.0", [CAP_MAPPED_RAM]), "page_size": PAGE, "devices": []}
+        )
         f.write(tail)
     return set_pages
 
@@ -73,8 +74,9 @@ _PEAK = (
 def run(args: list[str]) -> tuple[float, int, int]:
     """(seconds, peak RSS in KiB, exit code) of ``mappedram ARGS`` in a child process."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _PEAK, *args], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     seconds = time.perf_counter() - start
     peak = int(proc.stderr.split("VmHWM")[-1].split()[0])
     return seconds, peak, proc.returncode
@@ -87,8 +89,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         base_t, base_rss, _ = run(["--version"])
         print(f"baseline `mappedram --version`: {base_t:6.2f} s, peak RSS {base_rss / 1024:7.1f} MiB")
-        print(f"{'guest RAM':>10} {'file (apparent)':>16} {'on disk':>10} {'bitmap':>10} "
-              f"{'dump s':>7} {'dump RSS MiB':>12} {'verify s':>8} {'verify RSS MiB':>14}")
+        print(
+            f"{'guest RAM':>10} {'file (apparent)':>16} {'on disk':>10} {'bitmap':>10} "
+            f"{'dump s':>7} {'dump RSS MiB':>12} {'verify s':>8} {'verify RSS MiB':>14}"
+        )
         for gib in (1, 64, 1024):
             path = os.path.join(tmp, f"guest-{gib}g.bin")
             pages = build_sparse_snapshot(path, gib << 30)
@@ -97,9 +101,11 @@ def main() -> None:
             ver_t, ver_rss, ver_rc = run(["verify", path])
             assert dump_rc == 0 and ver_rc == 0, (dump_rc, ver_rc)
             bitmap = (gib << 30) // PAGE // 8
-            print(f"{gib:>7} GiB {st.st_size / 2**30:>12.1f} GiB {st.st_blocks * 512 / 2**20:>6.1f} MiB "
-                  f"{bitmap / 2**20:>6.1f} MiB {dump_t:>7.2f} {dump_rss / 1024:>12.1f} "
-                  f"{ver_t:>8.2f} {ver_rss / 1024:>14.1f}   ({pages} pages set)")
+            print(
+                f"{gib:>7} GiB {st.st_size / 2**30:>12.1f} GiB {st.st_blocks * 512 / 2**20:>6.1f} MiB "
+                f"{bitmap / 2**20:>6.1f} MiB {dump_t:>7.2f} {dump_rss / 1024:>12.1f} "
+                f"{ver_t:>8.2f} {ver_rss / 1024:>14.1f}   ({pages} pages set)"
+            )
             os.unlink(path)
 
 

@@ -46,48 +46,72 @@ def _int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("file", help="the snapshot file")
-    common.add_argument("--offset", type=_int, metavar="N",
-                        help="where the QEMU stream starts (the offset= of file:PATH,offset=N)")
-    common.add_argument("--page-size", type=_int, metavar="BYTES",
-                        help="target page size, for a classic stream that does not record it")
-    common.add_argument("--bitmap-order", choices=("little", "big"), default="little",
-                        help="byte order of the host that wrote the bitmaps (big: s390x, ppc64)")
+    common.add_argument(
+        "--offset", type=_int, metavar="N", help="where the QEMU stream starts (the offset= of file:PATH,offset=N)"
+    )
+    common.add_argument(
+        "--page-size", type=_int, metavar="BYTES", help="target page size, for a classic stream that does not record it"
+    )
+    common.add_argument(
+        "--bitmap-order",
+        choices=("little", "big"),
+        default="little",
+        help="byte order of the host that wrote the bitmaps (big: s390x, ppc64)",
+    )
 
-    parser = argparse.ArgumentParser(prog="mappedram", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mappedram", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    dump = sub.add_parser("dump", parents=[common], help="summarise a snapshot file",
-                          description="Print the header, machine, capabilities, page size, every RAM block "
-                                      "(size, offsets, populated pages) and the sections of the stream.")
+    dump = sub.add_parser(
+        "dump",
+        parents=[common],
+        help="summarise a snapshot file",
+        description="Print the header, machine, capabilities, page size, every RAM block "
+        "(size, offsets, populated pages) and the sections of the stream.",
+    )
     dump.add_argument("--json", action="store_true", help="print the stable JSON form (see README)")
     dump.add_argument("--no-sections", action="store_true", help="leave out the list of sections")
 
-    ver = sub.add_parser("verify", parents=[common], help="check the structure of a snapshot file",
-                         description="Check magic and versions, block headers, page alignment, that bitmaps, "
-                                     "page regions and the stream lie inside the file without overlapping, "
-                                     "bitmap bits past the last page, block lengths against MEM_SIZE, section "
-                                     "footers, RAM flags against the mode, EOF and the VM description. "
-                                     "Each problem is printed with its file offset.")
-    ver.add_argument("--hash", action="store_true",
-                     help="also print the sha256 of each block's RAM as QEMU would restore it")
+    ver = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="check the structure of a snapshot file",
+        description="Check magic and versions, block headers, page alignment, that bitmaps, "
+        "page regions and the stream lie inside the file without overlapping, "
+        "bitmap bits past the last page, block lengths against MEM_SIZE, section "
+        "footers, RAM flags against the mode, EOF and the VM description. "
+        "Each problem is printed with its file offset.",
+    )
+    ver.add_argument(
+        "--hash", action="store_true", help="also print the sha256 of each block's RAM as QEMU would restore it"
+    )
     ver.add_argument("--json", action="store_true", help="print the report as JSON")
     ver.add_argument("--progress", action="store_true", default=None, help="show a progress bar for --hash")
 
-    ext = sub.add_parser("extract", parents=[common], help="write one RAM block as a sparse raw file",
-                         description="Write a block's RAM to a raw file: populated pages copied, clear pages "
-                                     "left as holes. The output appears only when complete.")
+    ext = sub.add_parser(
+        "extract",
+        parents=[common],
+        help="write one RAM block as a sparse raw file",
+        description="Write a block's RAM to a raw file: populated pages copied, clear pages "
+        "left as holes. The output appears only when complete.",
+    )
     ext.add_argument("--block", required=True, metavar="NAME", help="the RAM block, e.g. pc.ram")
     ext.add_argument("-o", "--output", required=True, metavar="OUT", help="the raw file to write")
-    ext.add_argument("--progress", action="store_true", default=None,
-                     help="show a progress bar (default: when stderr is a terminal)")
+    ext.add_argument(
+        "--progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)"
+    )
     return parser
 
 
 def _open_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {"offset": args.offset, "page_size": args.page_size,
-            "bitmap_layout": BIG_ENDIAN_64 if args.bitmap_order == "big" else LITTLE_ENDIAN_64}
+    return {
+        "offset": args.offset,
+        "page_size": args.page_size,
+        "bitmap_layout": BIG_ENDIAN_64 if args.bitmap_order == "big" else LITTLE_ENDIAN_64,
+    }
 
 
 def _print_dump(info: dict[str, Any]) -> None:
@@ -95,21 +119,29 @@ def _print_dump(info: dict[str, Any]) -> None:
     lv = info["libvirt"]
     if lv:
         state = "complete" if lv["complete"] else "INCOMPLETE"
-        print(f"libvirt:       save header v{lv['version']} ({state}), format {lv['format']}, "
-              f"data_len {lv['data_len']}, {lv['byteorder']}-endian")
+        print(
+            f"libvirt:       save header v{lv['version']} ({state}), format {lv['format']}, "
+            f"data_len {lv['data_len']}, {lv['byteorder']}-endian"
+        )
     print(f"stream:        QEVM v{info['version']} at {info['stream_start']:#x}, format {info['format']}")
     print(f"machine:       {info['machine_type'] or '(no configuration section)'}")
     print(f"capabilities:  {', '.join(info['capabilities']) or '(none)'}")
-    print(f"page size:     {info['page_size']}" +
-          (f" (target-page-bits {info['target_page_bits']})" if info["target_page_bits"] else ""))
+    print(
+        f"page size:     {info['page_size']}"
+        + (f" (target-page-bits {info['target_page_bits']})" if info["target_page_bits"] else "")
+    )
     if info["uuid"]:
         print(f"uuid:          {info['uuid']}")
-    print(f"RAM:           {info['ram_total']} bytes ({human(info['ram_total'] or 0)}) in {len(info['blocks'])} "
-          f"blocks, section at {info['ram_section_offset']:#x}")
+    print(
+        f"RAM:           {info['ram_total']} bytes ({human(info['ram_total'] or 0)}) in {len(info['blocks'])} "
+        f"blocks, section at {info['ram_section_offset']:#x}"
+    )
     width = max([len(b["name"]) for b in info["blocks"]] + [5])
     mapped = info["format"] == "mapped-ram"
-    print(f"  {'block':<{width}}  {'used_length':>12}  {'present':>9}/{'pages':<9}" +
-          (f"  {'bitmap_offset':>13}  {'pages_offset':>12}" if mapped else ""))
+    print(
+        f"  {'block':<{width}}  {'used_length':>12}  {'present':>9}/{'pages':<9}"
+        + (f"  {'bitmap_offset':>13}  {'pages_offset':>12}" if mapped else "")
+    )
     for b in info["blocks"]:
         line = f"  {b['name']:<{width}}  {b['used_length']:>12}  {b['pages_present']:>9}/{b['pages_total']:<9}"
         if mapped:
@@ -118,14 +150,20 @@ def _print_dump(info: dict[str, Any]) -> None:
     if "sections" in info:
         print(f"sections:      {len(info['sections'])}")
         for s in info["sections"]:
-            detail = s.get("command") or " ".join(str(x) for x in (
-                s.get("idstr"), f"id {s['section_id']}" if "section_id" in s else None,
-                f"instance {s['instance_id']}" if "instance_id" in s else None,
-                f"v{s['version_id']}" if "version_id" in s else None) if x is not None)
+            detail = s.get("command") or " ".join(
+                str(x)
+                for x in (
+                    s.get("idstr"),
+                    f"id {s['section_id']}" if "section_id" in s else None,
+                    f"instance {s['instance_id']}" if "instance_id" in s else None,
+                    f"v{s['version_id']}" if "version_id" in s else None,
+                )
+                if x is not None
+            )
             size = f"  payload {s['payload_length']} bytes" if "payload_length" in s else ""
             print(f"  {s['offset']:#12x}  {s['kind']:<7}  {detail}{size}")
     vm = info["vmdesc"]
-    print(f"vmdesc:        " + (f"{vm['json_length']} bytes of JSON at {vm['offset'] + 5:#x}" if vm else "(none)"))
+    print("vmdesc:        " + (f"{vm['json_length']} bytes of JSON at {vm['offset'] + 5:#x}" if vm else "(none)"))
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
@@ -163,8 +201,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     with Snapshot(args.file, **_open_args(args)) as snap:
         if args.block not in snap.blocks:
-            print(f"mappedram: no RAM block {args.block!r} in {args.file}; blocks: {', '.join(snap.blocks)}",
-                  file=sys.stderr)
+            print(
+                f"mappedram: no RAM block {args.block!r} in {args.file}; blocks: {', '.join(snap.blocks)}",
+                file=sys.stderr,
+            )
             return EXIT_UNREADABLE
         bar = ProgressBar(f"extract {args.block}", args.progress)
         copied = extract(snap, args.block, args.output, progress=bar)

@@ -34,8 +34,10 @@ class ProgressBar:
         width = 30
         fill = int(frac * width)
         rate = done / max(now - self._start, 1e-9)
-        self.stream.write(f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {frac:6.1%} "
-                          f"{human(done)}/{human(total)} {human(rate)}/s ")
+        self.stream.write(
+            f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {frac:6.1%} "
+            f"{human(done)}/{human(total)} {human(rate)}/s "
+        )
         self.stream.flush()
 
     def close(self) -> None:

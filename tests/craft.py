@@ -47,8 +47,13 @@ def block_info(path: Path, name: str, **open_args: Any) -> dict[str, Any]:
 def patch_header(path: Path, name: str, **fields: int) -> dict[str, Any]:
     """Rewrite fields of a block's MappedRamHeader in place; returns the old header info."""
     info = block_info(path, name)
-    header = {"version": info["mapped_ram_version"], "page_size": info["page_size"],
-              "bitmap_offset": info["bitmap_offset"], "pages_offset": info["pages_offset"], **fields}
+    header = {
+        "version": info["mapped_ram_version"],
+        "page_size": info["page_size"],
+        "bitmap_offset": info["bitmap_offset"],
+        "pages_offset": info["pages_offset"],
+        **fields,
+    }
     patch(path, info["header_offset"], S.MappedRamHeader.build(header))
     return info
 

@@ -126,8 +126,20 @@ def test_truncated_everywhere(two_blocks, tmp_path):
     info = block_info(path, "extra")
     with mappedram.open(path) as snap:
         eof = snap.eof_offset
-    cuts = [0, 3, 8, 20, 60, 120, info["bitmap_offset"] + 2, info["pages_offset"] + 100,
-            info["pages_offset"] + info["used_length"] + 3, eof, eof + 3, size - 1]
+    cuts = [
+        0,
+        3,
+        8,
+        20,
+        60,
+        120,
+        info["bitmap_offset"] + 2,
+        info["pages_offset"] + 100,
+        info["pages_offset"] + info["used_length"] + 3,
+        eof,
+        eof + 3,
+        size - 1,
+    ]
     for cut in cuts:
         short = truncate_copy(path, tmp_path / f"cut{cut}.bin", cut)
         found = problems(short)
@@ -135,8 +147,12 @@ def test_truncated_everywhere(two_blocks, tmp_path):
         assert all(offset <= cut for offset, _ in found), (cut, found)
         assert main(["verify", str(short)]) == 1
         if cut > eof:  # only the description is cut: a problem, but the file still reads
-            assert found == [(eof + 1, f"expected the VM description or the end of the file after EOF, "
-                                       f"found {cut - eof - 1} other bytes")]
+            assert found == [
+                (
+                    eof + 1,
+                    f"expected the VM description or the end of the file after EOF, found {cut - eof - 1} other bytes",
+                )
+            ]
             continue
         with pytest.raises(FormatError):
             with mappedram.open(short) as snap:
@@ -255,7 +271,11 @@ def test_broken_vmdesc(paused_mr, tmp_path):
         devices = [(d.idstr, d.offset, d.end) for d in snap.devices]
     patch(path, json_at + 10, b"\x01")
     found = problems(path)
-    assert len(found) == 1 and found[0][0] == json_at - 5 and "expected a VM description in JSON, found Invalid control character" in found[0][1]
+    assert (
+        len(found) == 1
+        and found[0][0] == json_at - 5
+        and "expected a VM description in JSON, found Invalid control character" in found[0][1]
+    )
     with mappedram.open(path) as snap:  # device sections found by their footers instead
         assert [(d.idstr, d.offset, d.end) for d in snap.devices] == devices
 

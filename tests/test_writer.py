@@ -15,8 +15,7 @@ import mappedram
 from mappedram.mapper.writer import SnapshotWriter
 
 
-def _workload(buffers: dict[str, np.ndarray], stop: threading.Event, writer: SnapshotWriter | None,
-              seed: int) -> None:
+def _workload(buffers: dict[str, np.ndarray], stop: threading.Event, writer: SnapshotWriter | None, seed: int) -> None:
     """Keep changing random pages (sometimes zeroing them) until told to stop."""
     rng = np.random.default_rng(seed)
     names = list(buffers)
@@ -40,8 +39,9 @@ def test_live_save_matches_final_state(tmp_path, channels, tracking):
     path = tmp_path / "live.sav"
     stop = threading.Event()
     with SnapshotWriter(path, buffers, channels=channels, dirty_tracking=tracking) as writer:
-        worker = threading.Thread(target=_workload,
-                                  args=(buffers, stop, writer if tracking == "manual" else None, channels))
+        worker = threading.Thread(
+            target=_workload, args=(buffers, stop, writer if tracking == "manual" else None, channels)
+        )
         worker.start()
         try:
             written = [writer.save_round().pages_written for _ in range(8)]
@@ -195,16 +195,18 @@ def test_device_state_passthrough(paused_mr, tmp_path):
     with mappedram.open(paused_mr) as src:
         devices = mappedram.DeviceState.from_snapshot(src)
         blocks = {b.name: b.read() for b in src}
-        src_devices = [(d.idstr, d.instance_id, d.version_id, src.read_bytes(d.offset, d.end - d.offset))
-                       for d in src.devices]
+        src_devices = [
+            (d.idstr, d.instance_id, d.version_id, src.read_bytes(d.offset, d.end - d.offset)) for d in src.devices
+        ]
         src_desc = src.vmdesc["devices"]
     blocks["pc.ram"][0x200000:0x200004] = [0xDE, 0xAD, 0xBE, 0xEF]
     out = write_snapshot(tmp_path / "rewritten.sav", blocks, channels=4, devices=devices)
     assert mappedram.verify(out).ok
     with mappedram.open(out) as snap:
         assert snap.machine_type == "pc-i440fx-10.0"
-        assert [(d.idstr, d.instance_id, d.version_id, snap.read_bytes(d.offset, d.end - d.offset))
-                for d in snap.devices] == src_devices
+        assert [
+            (d.idstr, d.instance_id, d.version_id, snap.read_bytes(d.offset, d.end - d.offset)) for d in snap.devices
+        ] == src_devices
         assert snap.vmdesc["devices"] == src_desc
         assert [s.command for s in snap.sections if s.kind == "command"] == ["switchover_start"]
         for name, data in blocks.items():

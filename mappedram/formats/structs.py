@@ -25,8 +25,8 @@ from construct import (
     Rebuild,
     Struct,
     Switch,
-    this,
     len_,
+    this,
 )
 
 from .constants import (

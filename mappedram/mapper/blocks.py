@@ -37,8 +37,9 @@ class Extent:
 class RamBlock:
     """One RAMBlock of the snapshot (common part of both modes)."""
 
-    def __init__(self, src: Source, name: str, used_length: int, page_size: int,
-                 entry_offset: int, addr: int | None) -> None:
+    def __init__(
+        self, src: Source, name: str, used_length: int, page_size: int, entry_offset: int, addr: int | None
+    ) -> None:
         self._src = src
         self.name = name
         self.used_length = used_length
@@ -95,8 +96,7 @@ class RamBlock:
         """File offset of page ``index`` or None where the page is zero."""
         raise NotImplementedError
 
-    def read_into(self, out: memoryview | np.ndarray, progress: Progress | None = None,
-                  zero_fill: bool = True) -> None:
+    def read_into(self, out: memoryview | np.ndarray, progress: Progress | None = None, zero_fill: bool = True) -> None:
         """Copy the block into ``out`` (``used_length`` writable bytes), single-threaded."""
         view = memoryview(out).cast("B")
         if len(view) != self.used_length:
@@ -148,9 +148,20 @@ def read_exact(fd: int, view: memoryview, offset: int, what: str) -> None:
 class MappedRamBlock(RamBlock):
     """A block with a MappedRamHeader: bitmap and pages at absolute offsets."""
 
-    def __init__(self, src: Source, name: str, used_length: int, page_size: int,
-                 entry_offset: int, addr: int | None, header_offset: int, version: int,
-                 bitmap_offset: int, pages_offset: int, layout: BitmapLayout) -> None:
+    def __init__(
+        self,
+        src: Source,
+        name: str,
+        used_length: int,
+        page_size: int,
+        entry_offset: int,
+        addr: int | None,
+        header_offset: int,
+        version: int,
+        bitmap_offset: int,
+        pages_offset: int,
+        layout: BitmapLayout,
+    ) -> None:
         super().__init__(src, name, used_length, page_size, entry_offset, addr)
         self.header_offset = header_offset
         self.version = version
@@ -181,7 +192,7 @@ class MappedRamBlock(RamBlock):
     def populated(self) -> int:
         if self._populated is None:
             total = 0
-            for start, lsb in self._lsb_chunks():
+            for _, lsb in self._lsb_chunks():
                 total += bm.popcount(lsb)
             self._populated = total - self.stray_bits()
         return self._populated
@@ -192,8 +203,9 @@ class MappedRamBlock(RamBlock):
             return 0
         word = self.layout.word_bytes
         tail_start = (self.num_pages // 8) // word * word
-        raw = self._src.read(self.bitmap_offset + tail_start, self.bitmap_size - tail_start,
-                             f"the bitmap tail of {self.name}")
+        raw = self._src.read(
+            self.bitmap_offset + tail_start, self.bitmap_size - tail_start, f"the bitmap tail of {self.name}"
+        )
         lsb = self.layout.to_lsb(np.frombuffer(raw, dtype=np.uint8))
         return bm.stray_bits(lsb, self.num_pages - tail_start * 8)
 
@@ -223,8 +235,16 @@ class MappedRamBlock(RamBlock):
 class StreamRamBlock(RamBlock):
     """A block of a classic stream: pages found by walking PAGE/ZERO records."""
 
-    def __init__(self, src: Source, name: str, used_length: int, page_size: int,
-                 entry_offset: int, addr: int | None, index_builder: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        src: Source,
+        name: str,
+        used_length: int,
+        page_size: int,
+        entry_offset: int,
+        addr: int | None,
+        index_builder: Callable[[], None],
+    ) -> None:
         super().__init__(src, name, used_length, page_size, entry_offset, addr)
         self._build_index = index_builder
         self._offsets: np.ndarray | None = None  # file offset per page, -1 = zero

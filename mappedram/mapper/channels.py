@@ -21,8 +21,9 @@ _STOP = object()
 class Channels(Generic[Item]):
     """``count`` worker threads running ``work(fd, item)`` for every submitted item."""
 
-    def __init__(self, path: str, count: int, flags: int, work: Callable[[int, Item], None],
-                 name: str = "channel") -> None:
+    def __init__(
+        self, path: str, count: int, flags: int, work: Callable[[int, Item], None], name: str = "channel"
+    ) -> None:
         if count < 1:
             raise ValueError("at least one channel is needed")
         self.syncs = 0

@@ -49,16 +49,23 @@ class BlockPlace:
         return self.pages_offset + self.used_length
 
 
-def place_block(name: str, used_length: int, page_size: int, entry_offset: int,
-                layout: BitmapLayout, alignment: int = MAPPED_RAM_ALIGNMENT) -> BlockPlace:
+def place_block(
+    name: str,
+    used_length: int,
+    page_size: int,
+    entry_offset: int,
+    layout: BitmapLayout,
+    alignment: int = MAPPED_RAM_ALIGNMENT,
+) -> BlockPlace:
     """mapped_ram_setup_ramblock: header after the entry, bitmap after the header,
     pages at the next ``alignment`` boundary after the bitmap."""
     header_offset = entry_offset + 1 + len(name.encode()) + S.RamWord.sizeof()
     bitmap_offset = header_offset + S.MAPPED_RAM_HEADER_SIZE
     bitmap_size = layout.size(used_length // page_size)
     pages_offset = round_up(bitmap_offset + bitmap_size, alignment)
-    return BlockPlace(name, used_length, page_size, entry_offset, header_offset, bitmap_offset,
-                      bitmap_size, pages_offset)
+    return BlockPlace(
+        name, used_length, page_size, entry_offset, header_offset, bitmap_offset, bitmap_size, pages_offset
+    )
 
 
 class StreamEncoder:
@@ -73,22 +80,24 @@ class StreamEncoder:
         return S.QevmHeader.build({"version": QEVM_VERSION})
 
     @staticmethod
-    def configuration(machine: str, capabilities: Iterable[str] = (),
-                      target_page_bits: int | None = None) -> bytes:
+    def configuration(machine: str, capabilities: Iterable[str] = (), target_page_bits: int | None = None) -> bytes:
         out = S.ConfigurationHead.build({"machine": machine})
         if target_page_bits is not None:
-            out += S.ConfigSubsection.build({"head": {"name": SUB_TARGET_PAGE_BITS, "version_id": 1},
-                                             "body": {"bits": target_page_bits}})
+            out += S.ConfigSubsection.build(
+                {"head": {"name": SUB_TARGET_PAGE_BITS, "version_id": 1}, "body": {"bits": target_page_bits}}
+            )
         caps = list(capabilities)
         if caps:
-            out += S.ConfigSubsection.build({"head": {"name": SUB_CAPABILITIES, "version_id": 1},
-                                             "body": {"names": caps}})
+            out += S.ConfigSubsection.build(
+                {"head": {"name": SUB_CAPABILITIES, "version_id": 1}, "body": {"names": caps}}
+            )
         return out
 
     @staticmethod
     def section_full(kind: SectionType, section_id: int, idstr: str, instance_id: int, version_id: int) -> bytes:
         return bytes([kind]) + S.SectionHeaderFull.build(
-            {"section_id": section_id, "idstr": idstr, "instance_id": instance_id, "version_id": version_id})
+            {"section_id": section_id, "idstr": idstr, "instance_id": instance_id, "version_id": version_id}
+        )
 
     @staticmethod
     def section_part(kind: SectionType, section_id: int) -> bytes:
@@ -109,14 +118,22 @@ class StreamEncoder:
         return self.section_part(kind, section_id) + self.ram_word(0, RamFlag.EOS) + self.footer(section_id)
 
     @staticmethod
-    def block_entry(name: str, used_length: int, place: BlockPlace | None = None,
-                    addr: int | None = None) -> bytes:
-        header = None if place is None else {
-            "version": MAPPED_RAM_VERSION, "page_size": place.page_size,
-            "bitmap_offset": place.bitmap_offset, "pages_offset": place.pages_offset}
-        return S.RamBlockEntry.build({"idstr": name, "used_length": used_length, "addr": addr,
-                                      "mapped_ram": header},
-                                     mapped_ram=place is not None, ignore_shared=addr is not None)
+    def block_entry(name: str, used_length: int, place: BlockPlace | None = None, addr: int | None = None) -> bytes:
+        header = (
+            None
+            if place is None
+            else {
+                "version": MAPPED_RAM_VERSION,
+                "page_size": place.page_size,
+                "bitmap_offset": place.bitmap_offset,
+                "pages_offset": place.pages_offset,
+            }
+        )
+        return S.RamBlockEntry.build(
+            {"idstr": name, "used_length": used_length, "addr": addr, "mapped_ram": header},
+            mapped_ram=place is not None,
+            ignore_shared=addr is not None,
+        )
 
     @staticmethod
     def command(cmd: VmCommand, data: bytes = b"") -> bytes:
@@ -135,22 +152,35 @@ class StreamEncoder:
         flags = RamFlag.PAGE if data is not None else RamFlag.ZERO
         if name is None:
             flags |= RamFlag.CONTINUE
-        head = S.RamPageRecordHead.build({"word": page * self.page_size | int(flags), "idstr": name},
-                                         with_idstr=name is not None)
+        head = S.RamPageRecordHead.build(
+            {"word": page * self.page_size | int(flags), "idstr": name}, with_idstr=name is not None
+        )
         return head + (bytes(data) if data is not None else S.ZeroFill.build(0))
 
 
 def configuration_vmdesc(machine: str, capabilities: list[str]) -> dict[str, Any]:
     """The JSON description QEMU gives of its configuration section."""
     desc: dict[str, Any] = {
-        "vmsd_name": "configuration", "version": 1,
-        "fields": [{"name": "len", "type": "uint32", "size": 4},
-                   {"name": "name", "type": "buffer", "size": len(machine.encode())}],
+        "vmsd_name": "configuration",
+        "version": 1,
+        "fields": [
+            {"name": "len", "type": "uint32", "size": 4},
+            {"name": "name", "type": "buffer", "size": len(machine.encode())},
+        ],
     }
     if capabilities:
-        desc["subsections"] = [{
-            "vmsd_name": SUB_CAPABILITIES, "version": 1,
-            "fields": [{"name": "caps_count", "type": "uint32", "size": 4},
-                       {"name": "capabilities", "type": "capability",
-                        "size": sum(1 + len(c.encode()) for c in capabilities)}]}]
+        desc["subsections"] = [
+            {
+                "vmsd_name": SUB_CAPABILITIES,
+                "version": 1,
+                "fields": [
+                    {"name": "caps_count", "type": "uint32", "size": 4},
+                    {
+                        "name": "capabilities",
+                        "type": "capability",
+                        "size": sum(1 + len(c.encode()) for c in capabilities),
+                    },
+                ],
+            }
+        ]
     return desc

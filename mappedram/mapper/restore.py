@@ -49,8 +49,14 @@ def _target_view(block: RamBlock, target: Any) -> memoryview:
     return view
 
 
-def restore_into(snapshot: Any, targets: Mapping[str, Any], *, channels: int = 4, zero_fill: bool = True,
-                 progress: Progress | None = None) -> RestoreStats:
+def restore_into(
+    snapshot: Any,
+    targets: Mapping[str, Any],
+    *,
+    channels: int = 4,
+    zero_fill: bool = True,
+    progress: Progress | None = None,
+) -> RestoreStats:
     """Fill ``targets`` (block name -> writable buffer of used_length bytes) from the file.
 
     Pages whose bit is clear come out as zero: with ``zero_fill`` the gaps are cleared
@@ -75,8 +81,15 @@ def restore_into(snapshot: Any, targets: Mapping[str, Any], *, channels: int = 4
     return stats
 
 
-def _queue_block(pool: Channels[_Piece], block: RamBlock, view: memoryview, zero_fill: bool,
-                 stats: RestoreStats, total: int, progress: Progress | None) -> None:
+def _queue_block(
+    pool: Channels[_Piece],
+    block: RamBlock,
+    view: memoryview,
+    zero_fill: bool,
+    stats: RestoreStats,
+    total: int,
+    progress: Progress | None,
+) -> None:
     ps = block.page_size
     zeros = np.frombuffer(view, dtype=np.uint8) if zero_fill else None
     end = 0
@@ -96,8 +109,9 @@ def _queue_block(pool: Channels[_Piece], block: RamBlock, view: memoryview, zero
         zeros[end:] = 0
 
 
-def restore(path: str | os.PathLike[str], *, channels: int = 4, blocks: list[str] | None = None,
-            **open_args: Any) -> dict[str, np.ndarray]:
+def restore(
+    path: str | os.PathLike[str], *, channels: int = 4, blocks: list[str] | None = None, **open_args: Any
+) -> dict[str, np.ndarray]:
     """Every block (or the named ones) of a snapshot as fresh numpy uint8 arrays."""
     from .snapshot import open as open_snapshot
 
@@ -108,8 +122,9 @@ def restore(path: str | os.PathLike[str], *, channels: int = 4, blocks: list[str
     return out
 
 
-def extract(snapshot: Any, name: str, out_path: str | os.PathLike[str], *,
-            progress: Callable[[int, int], None] | None = None) -> int:
+def extract(
+    snapshot: Any, name: str, out_path: str | os.PathLike[str], *, progress: Callable[[int, int], None] | None = None
+) -> int:
     """Write one block as a sparse raw file (holes for clear pages); returns bytes copied.
 
     The file is written under a temporary name and renamed into place when complete.

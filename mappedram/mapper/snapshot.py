@@ -44,7 +44,9 @@ STREAM_PROBE_LIMIT = 1 << 20
 _WORD = S.RamWord.sizeof()
 _FOOTER = S.SectionFooter.sizeof()
 _ELEMENTS_AFTER_FOOTER = {t.value for t in SectionType} - {
-    SectionType.SUBSECTION, SectionType.SECTION_FOOTER, SectionType.VMDESCRIPTION,
+    SectionType.SUBSECTION,
+    SectionType.SECTION_FOOTER,
+    SectionType.VMDESCRIPTION,
     SectionType.CONFIGURATION,
 }
 
@@ -111,8 +113,14 @@ class _WalkState:
 class Snapshot:
     """A snapshot file. Use as a context manager, or call ``close()``."""
 
-    def __init__(self, path: str | os.PathLike[str], *, offset: int | None = None,
-                 page_size: int | None = None, bitmap_layout: BitmapLayout = LITTLE_ENDIAN_64) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        offset: int | None = None,
+        page_size: int | None = None,
+        bitmap_layout: BitmapLayout = LITTLE_ENDIAN_64,
+    ) -> None:
         self._src = Source(path)
         self.path = self._src.path
         self.size = self._src.size
@@ -185,11 +193,18 @@ class Snapshot:
         if raw.version != LIBVIRT_VERSION:
             raise FormatError(16, f"libvirt save header version {LIBVIRT_VERSION}", str(raw.version))
         self.libvirt = LibvirtHeader(
-            complete=raw.magic == LIBVIRT_MAGIC_DONE, byteorder=byteorder, version=raw.version,
-            data_len=raw.data_len, was_running=raw.was_running, format=str(raw.format),
-            cookie_offset=raw.cookie_offset)
+            complete=raw.magic == LIBVIRT_MAGIC_DONE,
+            byteorder=byteorder,
+            version=raw.version,
+            data_len=raw.data_len,
+            was_running=raw.was_running,
+            format=str(raw.format),
+            cookie_offset=raw.cookie_offset,
+        )
         if not self.libvirt.complete:
-            self.problems.append(Problem(0, "expected a complete libvirt save (LibvirtQemudSave), found LibvirtQemudPart"))
+            self.problems.append(
+                Problem(0, "expected a complete libvirt save (LibvirtQemudSave), found LibvirtQemudPart")
+            )
         start = self.libvirt.stream_start
         src.require(start, 8, "the QEMU stream behind the libvirt header (92 + data_len)")
         return start
@@ -302,8 +317,16 @@ class Snapshot:
                 w.pos = self._part_section(off, kind)
             elif kind == SectionType.COMMAND:
                 body, w.pos = src.parse(S.CommandBody, off + 1, "a command (be16 cmd, be16 len, data)")
-                self._sections.append(Section("command", off, command=str(body.cmd),
-                                              payload_offset=off + 5, payload_length=body.length, end=w.pos))
+                self._sections.append(
+                    Section(
+                        "command",
+                        off,
+                        command=str(body.cmd),
+                        payload_offset=off + 5,
+                        payload_length=body.length,
+                        end=w.pos,
+                    )
+                )
             elif kind == SectionType.EOF:
                 self._finish(off)
             else:
@@ -313,14 +336,23 @@ class Snapshot:
 
     def _full_section(self, off: int, kind: SectionType) -> int:
         hdr, pos = self._src.parse(S.SectionHeaderFull, off + 1, "a section header (id, idstr, instance, version)")
-        sec = Section("start" if kind == SectionType.SECTION_START else "full", off, hdr.section_id,
-                      hdr.idstr, hdr.instance_id, hdr.version_id, payload_offset=pos)
+        sec = Section(
+            "start" if kind == SectionType.SECTION_START else "full",
+            off,
+            hdr.section_id,
+            hdr.idstr,
+            hdr.instance_id,
+            hdr.version_id,
+            payload_offset=pos,
+        )
         self._sections.append(sec)
         if hdr.idstr == RAM_IDSTR:
             if self._walk.ram_section_id is not None:
                 raise FormatError(off, "one RAM section", "a second START/FULL for 'ram'")
             if hdr.version_id != RAM_SECTION_VERSION:
-                self.problems.append(Problem(off, f"expected RAM section version {RAM_SECTION_VERSION}, found {hdr.version_id}"))
+                self.problems.append(
+                    Problem(off, f"expected RAM section version {RAM_SECTION_VERSION}, found {hdr.version_id}")
+                )
             self._walk.ram_section_id = hdr.section_id
             self.ram_section_offset = off
             end = self._ram_payload(pos, opening=True)
@@ -334,8 +366,13 @@ class Snapshot:
     def _part_section(self, off: int, kind: SectionType) -> int:
         hdr, pos = self._src.parse(S.SectionHeaderPart, off + 1, "a section id")
         is_ram = hdr.section_id == self._walk.ram_section_id
-        sec = Section("part" if kind == SectionType.SECTION_PART else "end", off, hdr.section_id,
-                      RAM_IDSTR if is_ram else None, payload_offset=pos)
+        sec = Section(
+            "part" if kind == SectionType.SECTION_PART else "end",
+            off,
+            hdr.section_id,
+            RAM_IDSTR if is_ram else None,
+            payload_offset=pos,
+        )
         self._sections.append(sec)
         end = self._ram_payload(pos, opening=False) if is_ram else self._device_payload(sec, pos)
         sec.payload_length = end - pos
@@ -350,13 +387,18 @@ class Snapshot:
             return pos
         marker = self._src.byte(pos, "a section footer")
         if marker != SectionType.SECTION_FOOTER:
-            self.problems.append(Problem(pos, f"expected a section footer (0x7e) for {sec.idstr or sec.section_id}, found {marker:#04x}"))
+            self.problems.append(
+                Problem(pos, f"expected a section footer (0x7e) for {sec.idstr or sec.section_id}, found {marker:#04x}")
+            )
             return pos
         footer, end = self._src.parse(S.SectionFooter, pos, "a section footer")
         sec.footer_offset = pos
         if footer.section_id != sec.section_id:
-            self.problems.append(Problem(pos, f"expected the footer of section {sec.section_id} ({sec.idstr}), "
-                                              f"found id {footer.section_id}"))
+            self.problems.append(
+                Problem(
+                    pos, f"expected the footer of section {sec.section_id} ({sec.idstr}), found id {footer.section_id}"
+                )
+            )
         return end
 
     def _device_payload(self, sec: Section, pos: int) -> int:
@@ -369,15 +411,24 @@ class Snapshot:
                 try:
                     size = device_payload_size(dev)
                 except (KeyError, TypeError, ValueError):
-                    self.problems.append(Problem(pos, f"expected usable field sizes in the VM description of {sec.idstr}, found none"))
+                    self.problems.append(
+                        Problem(pos, f"expected usable field sizes in the VM description of {sec.idstr}, found none")
+                    )
                 else:
                     self._src.require(pos, size, f"device state of {sec.idstr} (size from the VM description)")
                     return pos + size
             else:
-                self.problems.append(Problem(sec.offset, f"expected section {sec.idstr!r} in the VM description's order, "
-                                                         f"found {dev.get('name') if isinstance(dev, dict) else dev!r}"))
+                self.problems.append(
+                    Problem(
+                        sec.offset,
+                        f"expected section {sec.idstr!r} in the VM description's order, "
+                        f"found {dev.get('name') if isinstance(dev, dict) else dev!r}",
+                    )
+                )
         if w.footers is False:
-            raise FormatError(pos, f"a VM description or section footers to delimit {sec.idstr or sec.section_id}", "neither")
+            raise FormatError(
+                pos, f"a VM description or section footers to delimit {sec.idstr or sec.section_id}", "neither"
+            )
         return self._search_footer(sec, pos)
 
     def _search_footer(self, sec: Section, pos: int) -> int:
@@ -393,7 +444,9 @@ class Snapshot:
             if after == self.size or (after < self.size and mm[after] in _ELEMENTS_AFTER_FOOTER):
                 return at
             at += 1
-        raise FormatError(pos, f"the footer of section {sec.idstr or sec.section_id}", "none before the end of the file")
+        raise FormatError(
+            pos, f"the footer of section {sec.idstr or sec.section_id}", "none before the end of the file"
+        )
 
     def _finish(self, off: int) -> None:
         self._eof_offset = off
@@ -402,11 +455,19 @@ class Snapshot:
         after = off + 1
         if self.vmdesc_location is not None:
             if self.vmdesc_location[0] != after:
-                self.problems.append(Problem(after, f"expected the VM description right after EOF, found it at "
-                                                    f"{self.vmdesc_location[0]:#x}"))
+                self.problems.append(
+                    Problem(
+                        after, f"expected the VM description right after EOF, found it at {self.vmdesc_location[0]:#x}"
+                    )
+                )
         elif after != self.size:
-            self.problems.append(Problem(after, f"expected the VM description or the end of the file after EOF, "
-                                                f"found {self.size - after} other bytes"))
+            self.problems.append(
+                Problem(
+                    after,
+                    f"expected the VM description or the end of the file after EOF, "
+                    f"found {self.size - after} other bytes",
+                )
+            )
         for block in self.blocks.values():
             if isinstance(block, StreamRamBlock):
                 found = self._walk.offsets.get(block.name)
@@ -439,21 +500,30 @@ class Snapshot:
         remaining = total
         while remaining > 0:
             entry_offset = pos
-            entry, pos = self._src.parse(S.RamBlockEntry, pos, f"RAM block entry {len(self.blocks)} "
-                                         "(u8 idlen, idstr, be64 used_length)",
-                                         mapped_ram=self.policy.block_has_mapped_ram_header,
-                                         ignore_shared=self.ignore_shared)
+            entry, pos = self._src.parse(
+                S.RamBlockEntry,
+                pos,
+                f"RAM block entry {len(self.blocks)} (u8 idlen, idstr, be64 used_length)",
+                mapped_ram=self.policy.block_has_mapped_ram_header,
+                ignore_shared=self.ignore_shared,
+            )
             name = entry.idstr
             if name in self.blocks:
                 raise FormatError(entry_offset, "a RAM block name not seen before", repr(name))
             if self.policy.block_has_mapped_ram_header:
                 block, pos = self._mapped_ram_block(entry, entry_offset, pos)
             else:
-                block = StreamRamBlock(self._src, name, entry.used_length, self.page_size, entry_offset,
-                                       entry.addr, self._advance)
+                block = StreamRamBlock(
+                    self._src, name, entry.used_length, self.page_size, entry_offset, entry.addr, self._advance
+                )
             if entry.used_length % block.page_size:
-                self.problems.append(Problem(entry_offset, f"expected block {name!r}'s used_length to be a multiple "
-                                                           f"of the page size {block.page_size}, found {entry.used_length}"))
+                self.problems.append(
+                    Problem(
+                        entry_offset,
+                        f"expected block {name!r}'s used_length to be a multiple "
+                        f"of the page size {block.page_size}, found {entry.used_length}",
+                    )
+                )
             self.blocks[name] = block
             remaining -= entry.used_length  # verify reports a sum past MEM_SIZE
         return pos
@@ -463,23 +533,38 @@ class Snapshot:
         header_offset = pos - S.MAPPED_RAM_HEADER_SIZE
         name = entry.idstr
         if hdr.version > MAPPED_RAM_VERSION or hdr.version == 0:
-            raise FormatError(header_offset, f"mapped-ram header version {MAPPED_RAM_VERSION} for {name!r}",
-                              str(hdr.version))
+            raise FormatError(
+                header_offset, f"mapped-ram header version {MAPPED_RAM_VERSION} for {name!r}", str(hdr.version)
+            )
         ps = hdr.page_size
         if ps < 512 or ps & (ps - 1) or ps > 1 << 30:
             raise FormatError(header_offset + 4, f"a power-of-two page size for {name!r}", str(ps))
         if not self.blocks and self._explicit_page_size is None and self.target_page_bits is None:
             self.page_size = ps
-        block = MappedRamBlock(self._src, name, entry.used_length, ps, entry_offset, entry.addr,
-                               header_offset, hdr.version, hdr.bitmap_offset, hdr.pages_offset, self.layout)
+        block = MappedRamBlock(
+            self._src,
+            name,
+            entry.used_length,
+            ps,
+            entry_offset,
+            entry.addr,
+            header_offset,
+            hdr.version,
+            hdr.bitmap_offset,
+            hdr.pages_offset,
+            self.layout,
+        )
         if self.ignore_shared and hdr.bitmap_offset == 0 and hdr.pages_offset == 0:
             return block, pos  # an ignored (shared) block: no bitmap, no pages, nothing reserved
         self._src.require(hdr.bitmap_offset, block.bitmap_size, f"the bitmap of {name!r}")
         self._src.require(hdr.pages_offset, entry.used_length, f"the page region of {name!r}")
         resume = hdr.pages_offset + entry.used_length
         if resume <= pos:
-            raise FormatError(header_offset + 20, f"a page region of {name!r} after its header, so that the stream "
-                                                  f"resumes past {pos:#x}", f"it resumes at {resume:#x}")
+            raise FormatError(
+                header_offset + 20,
+                f"a page region of {name!r} after its header, so that the stream resumes past {pos:#x}",
+                f"it resumes at {resume:#x}",
+            )
         return block, resume
 
     def _page_records(self, pos: int) -> int:
@@ -538,8 +623,9 @@ class Snapshot:
                 pos += 1
 
     # -- restore ----------------------------------------------------------------------
-    def restore_into(self, targets: dict[str, Any], *, channels: int = 4, zero_fill: bool = True,
-                     progress: Any = None) -> Any:
+    def restore_into(
+        self, targets: dict[str, Any], *, channels: int = 4, zero_fill: bool = True, progress: Any = None
+    ) -> Any:
         """Fill writable buffers (block name -> numpy array, mmap, bytearray) in parallel."""
         from .restore import restore_into
 
@@ -563,8 +649,9 @@ class Snapshot:
             "ram_total": self.ram_total,
             "ram_section_offset": self.ram_section_offset,
             "blocks": [b.describe() for b in self.blocks.values()],
-            "vmdesc": None if self.vmdesc_location is None else
-            {"offset": self.vmdesc_location[0], "json_length": self.vmdesc_location[1]},
+            "vmdesc": None
+            if self.vmdesc_location is None
+            else {"offset": self.vmdesc_location[0], "json_length": self.vmdesc_location[1]},
         }
         if sections:
             out["sections"] = [s.describe() for s in self.sections]
@@ -572,8 +659,13 @@ class Snapshot:
         return out
 
 
-def open(path: str | os.PathLike[str], *, offset: int | None = None,  # noqa: A001 - the library's verb
-         page_size: int | None = None, bitmap_layout: BitmapLayout = LITTLE_ENDIAN_64) -> Snapshot:
+def open(
+    path: str | os.PathLike[str],
+    *,
+    offset: int | None = None,  # noqa: A001 - the library's verb
+    page_size: int | None = None,
+    bitmap_layout: BitmapLayout = LITTLE_ENDIAN_64,
+) -> Snapshot:
     """Open a snapshot file: mapped-ram or classic stream, optionally behind a libvirt header.
 
     ``offset``: where the QEMU stream starts (the N of ``file:PATH,offset=N``); by default

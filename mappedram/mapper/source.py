@@ -71,9 +71,7 @@ class Source:
     def require(self, offset: int, length: int, what: str) -> None:
         """Raise unless [offset, offset + length) lies inside the file."""
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise FormatError(
-                offset, f"{what} ({length} bytes) inside the file", f"the file ends at {self.size:#x}"
-            )
+            raise FormatError(offset, f"{what} ({length} bytes) inside the file", f"the file ends at {self.size:#x}")
 
     def read(self, offset: int, length: int, what: str) -> bytes:
         self.require(offset, length, what)

@@ -42,8 +42,13 @@ class Report:
         }
 
 
-def verify(path: str | os.PathLike[str], *, hash_blocks: bool = False,
-           progress: Callable[[int, int], None] | None = None, **open_args: Any) -> Report:
+def verify(
+    path: str | os.PathLike[str],
+    *,
+    hash_blocks: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    **open_args: Any,
+) -> Report:
     """Check a file; a file that cannot be parsed yields one problem, not an exception.
 
     OSError (a missing or unreadable file) is left to the caller.
@@ -61,7 +66,8 @@ def verify(path: str | os.PathLike[str], *, hash_blocks: bool = False,
                 total = sum(b.used_length for b in snap)
                 done = 0
                 for block in snap:
-                    report.hashes[block.name] = block_sha256(block, lambda n: progress and progress(done + n, total))
+                    step = None if progress is None else (lambda n, base=done: progress(base + n, total))
+                    report.hashes[block.name] = block_sha256(block, step)
                     done += block.used_length
         except FormatError as err:
             report.problems.append(Problem(err.offset, _expected(err)))
@@ -80,12 +86,20 @@ def _check(snap: Snapshot, report: Report) -> None:
     ram = [s for s in sections if s.idstr == RAM_IDSTR]
     kinds = [s.kind for s in ram]
     if not kinds or kinds[0] != "start" or kinds[-1] != "end" or kinds.count("end") != 1:
-        problems.append(Problem(ram[0].offset if ram else snap.stream_start,
-                                f"expected a RAM section that opens with START and closes with one END, found {kinds}"))
+        problems.append(
+            Problem(
+                ram[0].offset if ram else snap.stream_start,
+                f"expected a RAM section that opens with START and closes with one END, found {kinds}",
+            )
+        )
     total = sum(b.used_length for b in snap)
     if snap.ram_total is not None and total != snap.ram_total:
-        problems.append(Problem(snap.ram_section_offset or 0,
-                                f"expected block lengths adding up to MEM_SIZE {snap.ram_total}, found {total}"))
+        problems.append(
+            Problem(
+                snap.ram_section_offset or 0,
+                f"expected block lengths adding up to MEM_SIZE {snap.ram_total}, found {total}",
+            )
+        )
     _check_vmdesc(snap, report)
     mapped = [b for b in snap if isinstance(b, MappedRamBlock)]
     for block in mapped:
@@ -95,8 +109,9 @@ def _check(snap: Snapshot, report: Report) -> None:
 
 def _check_vmdesc(snap: Snapshot, report: Report) -> None:
     if snap.vmdesc_location is None:
-        report.notes.append("no VM description after EOF (suppress-vmdesc or postcopy); device sections "
-                            "were delimited by their footers")
+        report.notes.append(
+            "no VM description after EOF (suppress-vmdesc or postcopy); device sections were delimited by their footers"
+        )
         return
     desc = snap.vmdesc
     offset = snap.vmdesc_location[0]
@@ -104,27 +119,47 @@ def _check_vmdesc(snap: Snapshot, report: Report) -> None:
         return  # the parse problem is already in snap.problems
     page_size = desc.get("page_size")
     if page_size is not None and page_size != snap.page_size:
-        report.problems.append(Problem(offset, f"expected VM description page_size {snap.page_size}, found {page_size}"))
+        report.problems.append(
+            Problem(offset, f"expected VM description page_size {snap.page_size}, found {page_size}")
+        )
     devices = desc.get("devices")
     if not isinstance(devices, list):
         report.problems.append(Problem(offset, "expected a 'devices' list in the VM description, found none"))
     elif len(devices) != len(snap.devices):
-        report.problems.append(Problem(offset, f"expected {len(snap.devices)} device entries in the VM description "
-                                               f"(one per FULL section), found {len(devices)}"))
+        report.problems.append(
+            Problem(
+                offset,
+                f"expected {len(snap.devices)} device entries in the VM description "
+                f"(one per FULL section), found {len(devices)}",
+            )
+        )
 
 
 def _check_block(snap: Snapshot, block: MappedRamBlock, problems: list[Problem]) -> None:
     if block.page_size != snap.page_size:
-        problems.append(Problem(block.header_offset + 4, f"expected block {block.name!r} to have the stream's page size {snap.page_size}, "
-                                                         f"found {block.page_size}"))
+        problems.append(
+            Problem(
+                block.header_offset + 4,
+                f"expected block {block.name!r} to have the stream's page size {snap.page_size}, "
+                f"found {block.page_size}",
+            )
+        )
     if block.pages_offset % block.page_size:
-        problems.append(Problem(block.header_offset + 20, f"expected block {block.name!r}: pages_offset aligned to the "
-                                                          f"page size {block.page_size}, found {block.pages_offset:#x}"))
+        problems.append(
+            Problem(
+                block.header_offset + 20,
+                f"expected block {block.name!r}: pages_offset aligned to the "
+                f"page size {block.page_size}, found {block.pages_offset:#x}",
+            )
+        )
     stray = block.stray_bits()
     if stray:
-        problems.append(Problem(block.bitmap_offset + block.bitmap_size - 1,
-                                f"expected block {block.name!r}: bitmap bits past page {block.num_pages} clear, "
-                                f"found {stray} set"))
+        problems.append(
+            Problem(
+                block.bitmap_offset + block.bitmap_size - 1,
+                f"expected block {block.name!r}: bitmap bits past page {block.num_pages} clear, found {stray} set",
+            )
+        )
 
 
 def _check_regions(snap: Snapshot, blocks: list[MappedRamBlock], problems: list[Problem]) -> None:
@@ -145,8 +180,12 @@ def _check_regions(snap: Snapshot, blocks: list[MappedRamBlock], problems: list[
     reach_end, reach_name = 0, ""
     for start, end, name in regions:
         if start < reach_end:
-            problems.append(Problem(start, f"expected {name} apart from {reach_name}, found them overlapping "
-                                           f"up to {min(end, reach_end):#x}"))
+            problems.append(
+                Problem(
+                    start,
+                    f"expected {name} apart from {reach_name}, found them overlapping up to {min(end, reach_end):#x}",
+                )
+            )
         if end > reach_end:
             reach_end, reach_name = end, name
 

@@ -24,7 +24,6 @@ from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 
-from ..formats import bitmap as bm
 from ..formats.bitmap import LITTLE_ENDIAN_64, BitmapLayout
 from ..formats.constants import CAP_MAPPED_RAM, MAPPED_RAM_ALIGNMENT, RAM_IDSTR, RamFlag, SectionType, VmCommand
 from ..formats.policy import POLICIES, Event, Mode, Sync
@@ -122,13 +121,24 @@ class SnapshotWriter:
     QEMU, which leaves flushing to the caller).
     """
 
-    def __init__(self, path: str | os.PathLike[str], blocks: Mapping[str, Any], *, channels: int = 1,
-                 page_size: int = 4096, machine_type: str | None = None, prefix: bytes = b"",
-                 bitmap_layout: BitmapLayout = LITTLE_ENDIAN_64,
-                 dirty_tracking: Literal["digest", "manual"] = "digest",
-                 devices: DeviceState | None = None, switchover_start: bool = True,
-                 punch_holes: bool = True, batch_bytes: int = BATCH_BYTES,
-                 alignment: int = MAPPED_RAM_ALIGNMENT, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        blocks: Mapping[str, Any],
+        *,
+        channels: int = 1,
+        page_size: int = 4096,
+        machine_type: str | None = None,
+        prefix: bytes = b"",
+        bitmap_layout: BitmapLayout = LITTLE_ENDIAN_64,
+        dirty_tracking: Literal["digest", "manual"] = "digest",
+        devices: DeviceState | None = None,
+        switchover_start: bool = True,
+        punch_holes: bool = True,
+        batch_bytes: int = BATCH_BYTES,
+        alignment: int = MAPPED_RAM_ALIGNMENT,
+        fsync: bool = True,
+    ) -> None:
         if page_size < 512 or page_size & (page_size - 1):
             raise ValueError(f"page size {page_size} is not a power of two >= 512")
         if alignment < page_size or alignment % page_size:
@@ -178,10 +188,14 @@ class SnapshotWriter:
             if len(name.encode()) > 255:
                 raise ValueError(f"block name {name!r} is longer than 255 bytes")
             num_pages = len(data) // self.page_size
-            out[name] = _Block(name, data, place=None,  # type: ignore[arg-type]  # placed in _write_head
-                               pages=data.reshape(num_pages, self.page_size),
-                               saved=np.zeros(num_pages, dtype=bool),
-                               dirty=np.ones(num_pages, dtype=bool) if self.tracking == "manual" else None)
+            out[name] = _Block(
+                name,
+                data,
+                place=None,  # type: ignore[arg-type]  # placed in _write_head
+                pages=data.reshape(num_pages, self.page_size),
+                saved=np.zeros(num_pages, dtype=bool),
+                dirty=np.ones(num_pages, dtype=bool) if self.tracking == "manual" else None,
+            )
         return out
 
     def _write_head(self, prefix: bytes) -> int:
@@ -214,28 +228,43 @@ class SnapshotWriter:
 
     def _take_manual_dirty(self, blk: _Block) -> np.ndarray:
         """The pages marked since the last round; the marks are reset BEFORE the pages are
-        written, so a change racing with the write is saved again next round."""
+        written, so a change racing with the write is marked again and saved next round."""
         assert blk.dirty is not None
         with blk.lock:
             dirty, blk.dirty = blk.dirty, np.zeros_like(blk.dirty)
         return dirty
 
-    def _digest_dirty(self, blk: _Block, start: int, end: int, final: bool) -> np.ndarray:
-        """Pages [start, end) whose digest changed; the new digests are stored BEFORE the
-        pages are written, so a change racing with the write differs next round."""
-        count = end - start
+    def _dirty_rows(
+        self, blk: _Block, start: int, end: int, manual: np.ndarray | None, final: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The dirty pages of [start, end): (page numbers, rows holding their bytes, row
+        index of each page). Rows are the live buffer, or for digest tracking in a
+        round that is not the last, a staged copy whose digest is the one remembered.
+
+        Why the copy: with digests, a page written live could change during the write
+        and change back afterwards; its digest would then match while the file holds
+        the in-between bytes. Writing the exact bytes that were digested rules that out.
+        With manual tracking (every change is marked, like KVM's dirty log) and in the
+        last round (the caller has paused its writers), pages are written in place.
+        """
+        live = blk.pages[start:end]
+        if manual is not None:
+            pos = np.flatnonzero(manual[start:end])
+            return pos + start, live, pos
         if blk.digests is None and final:
-            return np.ones(count, dtype=bool)  # a one-shot save: no later round needs digests
+            pos = np.arange(end - start)  # a one-shot save: every page, no digests needed
+            return pos + start, live, pos
+        digests = np.dot(live.view(np.uint64), self._digest_key)
         if blk.digests is None:
             blk.digests = np.zeros(len(blk.pages), dtype=np.uint64)
-            first_time = True
+            pos = np.arange(end - start)
         else:
-            first_time = False
-        words = blk.pages[start:end].view(np.uint64)
-        digests = np.dot(words, self._digest_key)
-        dirty = np.ones(count, dtype=bool) if first_time else digests != blk.digests[start:end]
-        blk.digests[start:end] = digests
-        return dirty
+            pos = np.flatnonzero(digests != blk.digests[start:end])
+        if final:
+            return pos + start, live, pos
+        staged = live[pos]  # a copy of the dirty pages only
+        blk.digests[start + pos] = np.dot(staged.view(np.uint64), self._digest_key)
+        return pos + start, staged, np.arange(len(pos))
 
     # -- rounds ---------------------------------------------------------------------
     def save_round(self, *, _final: bool = False) -> RoundStats:
@@ -251,24 +280,20 @@ class SnapshotWriter:
             manual = self._take_manual_dirty(blk) if blk.dirty is not None else None
             for start in range(0, len(blk.pages), _SCAN_PAGES):
                 end = min(len(blk.pages), start + _SCAN_PAGES)
-                dirty = manual[start:end] if manual is not None else self._digest_dirty(blk, start, end, _final)
-                if not dirty.any():
+                pages, rows, row_of = self._dirty_rows(blk, start, end, manual, _final)
+                if not len(pages):
                     continue
-                zero = np.zeros(len(dirty), dtype=bool)
-                runs = list(zip(*(r.tolist() for r in bm.runs(dirty))))
-                for first, count in runs:
-                    zero[first : first + count] = ~blk.pages[start + first : start + first + count].any(axis=1)
-                write = dirty & ~zero
-                cleared = dirty & zero
-                saved = blk.saved[start:end]
-                stale = cleared & saved
-                saved[write] = True
-                saved[cleared] = False
-                written += int(write.sum())
-                zeroed += int(cleared.sum())
+                zero = np.empty(len(pages), dtype=bool)
+                for a, b in _consecutive(pages, row_of):
+                    zero[a:b] = ~rows[row_of[a] : row_of[a] + b - a].any(axis=1)
+                stale = zero & blk.saved[pages]
+                blk.saved[pages] = ~zero
+                written += len(pages) - int(zero.sum())
+                zeroed += int(zero.sum())
                 if self.punch_holes and stale.any():
-                    self._punch(blk, stale, start)
-                self._queue_pages(blk, write, start)
+                    self._punch(blk, pages[stale])
+                keep = ~zero
+                self._queue_rows(blk, pages[keep], rows, row_of[keep])
         if self.policy.sync_at(Event.ROUND_END) is Sync.LOCAL and (self._sync_per_round or _final):
             self._channels.sync()  # the debug switch never skips the final round's sync
         part = self._encoder.ram_eos_section(SectionType.SECTION_PART, self._ram_id)
@@ -277,20 +302,21 @@ class SnapshotWriter:
         self.rounds += 1
         return stats
 
-    def _queue_pages(self, blk: _Block, write: np.ndarray, base: int) -> None:
+    def _queue_rows(self, blk: _Block, pages: np.ndarray, rows: np.ndarray, row_of: np.ndarray) -> None:
+        """Hand runs of pages that are consecutive in the file and in ``rows`` to the channels."""
         assert self._channels is not None
         ps = self.page_size
         per_batch = self.batch_bytes // ps
-        view = memoryview(blk.data)
-        starts, lengths = bm.runs(write, base)
-        for start, length in zip(starts.tolist(), lengths.tolist()):
-            for first in range(start, start + length, per_batch):
-                count = min(per_batch, start + length - first)
-                data: Any = view[first * ps : (first + count) * ps]
+        flat = memoryview(rows.reshape(-1))
+        for a, b in _consecutive(pages, row_of):
+            for i in range(a, b, per_batch):
+                count = min(per_batch, b - i)
+                row = int(row_of[i])
+                data: Any = flat[row * ps : (row + count) * ps]
                 delay = 0.0
                 if self._delay_hook is not None:
-                    data, delay = self._delay_hook(blk.name, self.rounds, first, count, data)
-                self._channels.submit((blk.place.pages_offset + first * ps, data, delay))
+                    data, delay = self._delay_hook(blk.name, self.rounds, int(pages[i]), count, data)
+                self._channels.submit((blk.place.pages_offset + int(pages[i]) * ps, data, delay))
 
     def _channel_write(self, fd: int, item: _Batch) -> None:
         offset, data, delay = item
@@ -298,11 +324,10 @@ class SnapshotWriter:
             time.sleep(delay)
         pwrite_all(fd, memoryview(data), offset)
 
-    def _punch(self, blk: _Block, stale: np.ndarray, base: int) -> None:
+    def _punch(self, blk: _Block, pages: np.ndarray) -> None:
         assert _PUNCH is not None
-        starts, lengths = bm.runs(stale, base)
-        for start, length in zip(starts.tolist(), lengths.tolist()):
-            _PUNCH(self._fd, blk.place.pages_offset + start * self.page_size, length * self.page_size)
+        for a, b in _consecutive(pages, pages):
+            _PUNCH(self._fd, blk.place.pages_offset + int(pages[a]) * self.page_size, (b - a) * self.page_size)
 
     def _append(self, data: bytes) -> None:
         pwrite_all(self._fd, memoryview(data), self._stream_pos)
@@ -328,8 +353,13 @@ class SnapshotWriter:
                 tail += enc.command(VmCommand.SWITCHOVER_START)
             tail += enc.ram_eos_section(SectionType.SECTION_END, self._ram_id)
             tail += self.devices.sections if self.devices else b""
-            tail += enc.eof({"configuration": self._vmdesc_config, "page_size": self.page_size,
-                             "devices": self.devices.descriptions if self.devices else []})
+            tail += enc.eof(
+                {
+                    "configuration": self._vmdesc_config,
+                    "page_size": self.page_size,
+                    "devices": self.devices.descriptions if self.devices else [],
+                }
+            )
             self._append(tail)
             os.ftruncate(self._fd, self._stream_pos)
             if self.fsync:
@@ -371,6 +401,15 @@ class SnapshotWriter:
     def __exit__(self, *exc: object) -> None:
         if not self._done:
             self.abort()
+
+
+def _consecutive(pages: np.ndarray, rows: np.ndarray) -> list[tuple[int, int]]:
+    """[a, b) index ranges over which both arrays step by exactly one."""
+    if not len(pages):
+        return []
+    breaks = np.flatnonzero((np.diff(pages) != 1) | (np.diff(rows) != 1)) + 1
+    edges = [0, *breaks.tolist(), len(pages)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def _fsync_dir(directory: str) -> None:
