@@ -38,7 +38,7 @@ def test_live_save_matches_final_state(tmp_path, channels, tracking):
     buffers = {"pc.ram": pattern_block(2048, zero=tuple(range(100, 300))), "vga": pattern_block(64, seed=5)}
     path = tmp_path / "live.sav"
     stop = threading.Event()
-    with SnapshotWriter(path, buffers, channels=channels, dirty_tracking=tracking) as writer:
+    with SnapshotWriter(path, buffers, channels=channels, dirty_tracking=tracking, fsync=False) as writer:
         worker = threading.Thread(
             target=_workload, args=(buffers, stop, writer if tracking == "manual" else None, channels)
         )
@@ -50,7 +50,8 @@ def test_live_save_matches_final_state(tmp_path, channels, tracking):
             worker.join()
         final = writer.complete()  # the "guest" is paused: last round
         assert writer.syncs == writer.rounds == 9  # one sync per round, none per batch
-    assert written[0] > 1500 and all(n < 1500 for n in written[1:])  # later rounds: only dirty pages
+    assert written[0] >= 1800  # round 0: every non-zero page
+    assert max(written[1:]) < written[0] and sum(written[1:]) > 0  # later rounds: pages the workload touched
     assert final.round == 8
     restored = mappedram.restore(path, channels=channels)
     for name, data in buffers.items():

@@ -61,9 +61,16 @@ class RamBlock:
         """(first page, bool array) pieces covering every page, in bounded memory."""
         raise NotImplementedError
 
+    def extent_arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(first pages, page counts, file offsets) of the populated pages, as runs that are
+        contiguous in the file, in page order and bounded pieces (numpy, for hot loops)."""
+        raise NotImplementedError
+
     def extents(self) -> Iterator[Extent]:
         """The populated pages, as runs that are contiguous in the file."""
-        raise NotImplementedError
+        for firsts, counts, offsets in self.extent_arrays():
+            for first, count, offset in zip(firsts.tolist(), counts.tolist(), offsets.tolist()):
+                yield Extent(first, count, offset)
 
     @property
     def populated(self) -> int:
@@ -209,9 +216,11 @@ class MappedRamBlock(RamBlock):
         lsb = self.layout.to_lsb(np.frombuffer(raw, dtype=np.uint8))
         return bm.stray_bits(lsb, self.num_pages - tail_start * 8)
 
-    def extents(self) -> Iterator[Extent]:
-        for first, count in self.runs():
-            yield Extent(first, count, self.pages_offset + first * self.page_size)
+    def extent_arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        for first, chunk in self.present_chunks():
+            starts, counts = bm.runs(chunk, first)
+            if len(starts):
+                yield starts, counts, self.pages_offset + starts * self.page_size
 
     def page_offset(self, index: int) -> int | None:
         word = self.layout.word_bytes
@@ -262,10 +271,10 @@ class StreamRamBlock(RamBlock):
     def present_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         yield 0, self.offsets >= 0
 
-    def extents(self) -> Iterator[Extent]:
-        offsets = self.offsets
-        for page in np.flatnonzero(offsets >= 0).tolist():
-            yield Extent(page, 1, int(offsets[page]))  # an 8-byte word separates any two pages
+    def extent_arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        pages = np.flatnonzero(self.offsets >= 0)  # an 8-byte word separates any two pages
+        if len(pages):
+            yield pages, np.ones(len(pages), dtype=np.int64), self.offsets[pages]
 
     def page_offset(self, index: int) -> int | None:
         offset = int(self.offsets[index])

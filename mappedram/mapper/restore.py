@@ -21,7 +21,11 @@ from ..formats.policy import Event, Sync
 from .blocks import Progress, RamBlock
 from .channels import Channels, pwrite_all
 
-_Piece = tuple[memoryview, int, str]  # destination, file offset, block name
+# One channel item: up to ITEM_PIECES reads and about ITEM_BYTES, so sparse runs do not
+# cost a queue hand-off each: (destination views, file offsets, block name).
+_Item = tuple[list[memoryview], list[int], str]
+ITEM_PIECES = 64
+ITEM_BYTES = 4 << 20
 
 
 @dataclass
@@ -30,14 +34,15 @@ class RestoreStats:
     syncs: int = 0
 
 
-def _read_piece(fd: int, piece: _Piece) -> None:
-    view, offset, name = piece
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n <= 0:
-            raise FormatError(offset + got, f"{len(view) - got} more bytes of pages of {name!r}", "end of file")
-        got += n
+def _read_item(fd: int, item: _Item) -> None:
+    views, offsets, name = item
+    for view, offset in zip(views, offsets):
+        got = os.preadv(fd, [view], offset)
+        while got < len(view):  # a short read: end of file, or a signal
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n <= 0:
+                raise FormatError(offset + got, f"{len(view) - got} more bytes of pages of {name!r}", "end of file")
+            got += n
 
 
 def _target_view(block: RamBlock, target: Any) -> memoryview:
@@ -47,6 +52,19 @@ def _target_view(block: RamBlock, target: Any) -> memoryview:
     if len(view) != block.used_length:
         raise ValueError(f"the target of block {block.name!r} holds {len(view)} bytes, the block {block.used_length}")
     return view
+
+
+def split_pieces(
+    firsts: np.ndarray, counts: np.ndarray, offsets: np.ndarray, page_size: int, limit: int = MAPPED_RAM_LOAD_BUF_SIZE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut runs into reads of at most ``limit`` bytes: (dest byte offsets, lengths, file offsets)."""
+    per = max(1, limit // page_size)
+    parts = -(-counts // per)
+    run = np.repeat(np.arange(len(counts)), parts)
+    k = np.arange(len(run)) - np.repeat(np.cumsum(parts) - parts, parts)
+    first = firsts[run] + k * per
+    count = np.minimum(per, counts[run] - k * per)
+    return first * page_size, count * page_size, offsets[run] + k * per * page_size
 
 
 def restore_into(
@@ -59,7 +77,7 @@ def restore_into(
 ) -> RestoreStats:
     """Fill ``targets`` (block name -> writable buffer of used_length bytes) from the file.
 
-    Pages whose bit is clear come out as zero: with ``zero_fill`` the gaps are cleared
+    Pages whose bit is clear come out as zero: with ``zero_fill`` they are cleared
     (needed for a reused buffer or an existing file; a fresh ``np.zeros`` array is zero
     already). Blocks not named in ``targets`` are skipped.
     """
@@ -67,7 +85,7 @@ def restore_into(
     views = {b.name: _target_view(b, targets[b.name]) for b in blocks}
     total = sum(b.populated * b.page_size for b in blocks)
     stats = RestoreStats()
-    pool: Channels[_Piece] = Channels(snapshot.path, channels, os.O_RDONLY, _read_piece, "restore")
+    pool: Channels[_Item] = Channels(snapshot.path, channels, os.O_RDONLY, _read_item, "restore")
     try:
         for block in blocks:
             _queue_block(pool, block, views[block.name], zero_fill, stats, total, progress)
@@ -82,7 +100,7 @@ def restore_into(
 
 
 def _queue_block(
-    pool: Channels[_Piece],
+    pool: Channels[_Item],
     block: RamBlock,
     view: memoryview,
     zero_fill: bool,
@@ -91,22 +109,21 @@ def _queue_block(
     progress: Progress | None,
 ) -> None:
     ps = block.page_size
-    zeros = np.frombuffer(view, dtype=np.uint8) if zero_fill else None
-    end = 0
-    for ext in block.extents():
-        start = ext.first_page * ps
-        length = ext.count * ps
-        if zeros is not None:
-            zeros[end:start] = 0
-        for piece in range(0, length, MAPPED_RAM_LOAD_BUF_SIZE):
-            size = min(MAPPED_RAM_LOAD_BUF_SIZE, length - piece)
-            pool.submit((view[start + piece : start + piece + size], ext.file_offset + piece, block.name))
-            stats.bytes_read += size
+    if zero_fill and block.num_pages:
+        pages = np.frombuffer(view, dtype=np.uint8)[: block.num_pages * ps].reshape(block.num_pages, ps)
+        for first, present in block.present_chunks():
+            pages[first : first + len(present)][~present] = 0
+    for firsts, counts, offsets in block.extent_arrays():
+        dests, lengths, file_offsets = split_pieces(firsts, counts, offsets, ps)
+        before = np.cumsum(lengths) - lengths
+        group = np.maximum(np.arange(len(dests)) // ITEM_PIECES, before // ITEM_BYTES)
+        edges = [0, *(np.flatnonzero(np.diff(group)) + 1).tolist(), len(dests)]
+        for a, b in zip(edges[:-1], edges[1:]):
+            d, n = dests[a:b].tolist(), lengths[a:b].tolist()
+            pool.submit(([view[x : x + y] for x, y in zip(d, n)], file_offsets[a:b].tolist(), block.name))
+            stats.bytes_read += sum(n)
             if progress:
                 progress(stats.bytes_read, total)
-        end = start + length
-    if zeros is not None:
-        zeros[end:] = 0
 
 
 def restore(
