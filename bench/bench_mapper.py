@@ -120,18 +120,20 @@ def child(body: str, **params: object) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def best(runs: int, body: str, **params: object) -> dict:
-    """The fastest of ``runs`` runs, each started with no dirty pages waiting for the disk
-    (writeback throttling would otherwise bill one run for the one before) and with the
-    output file gone (unlinking a cached file is not part of a save)."""
-    results = []
+def best_of(runs: int, configs: dict[str, tuple[str, dict]]) -> dict[str, dict]:
+    """The fastest of ``runs`` runs of each config. Runs are interleaved (a, b, c, a, b, c...)
+    so a slow spell of the machine hits every config alike; each starts with no dirty
+    pages waiting for the disk (writeback throttling would otherwise bill one run for the
+    one before) and with its output file gone (unlinking a cached file is not part of a save)."""
+    results: dict[str, list[dict]] = {name: [] for name in configs}
     for _ in range(runs):
-        out = params.get("PATH_OUT")
-        if isinstance(out, str) and os.path.exists(out):
-            os.unlink(out)
-        os.sync()
-        results.append(child(body, **params))
-    return min(results, key=lambda r: r["seconds"])
+        for name, (body, params) in configs.items():
+            out = params.get("PATH_OUT")
+            if isinstance(out, str) and os.path.exists(out):
+                os.unlink(out)
+            os.sync()
+            results[name].append(child(body, **params))
+    return {name: min(rs, key=lambda r: r["seconds"]) for name, rs in results.items()}
 
 
 def gbps(r: dict) -> float:
@@ -140,8 +142,11 @@ def gbps(r: dict) -> float:
 
 def dd_ceiling(path: str, skip_mib: int, count_mib: int) -> float:
     t = time.perf_counter()
-    subprocess.run(["dd", f"if={path}", "of=/dev/null", "bs=1M", f"skip={skip_mib}", f"count={count_mib}"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["dd", f"if={path}", "of=/dev/null", "bs=1M", f"skip={skip_mib}", f"count={count_mib}"],
+        check=True,
+        capture_output=True,
+    )
     return count_mib * 2**20 / (time.perf_counter() - t) / 1e9
 
 
@@ -165,45 +170,74 @@ def main() -> None:
         child(
             "data = dense(SIZE); data.reshape(-1, 4096)[np.arange(SIZE // 4096) % 10 != 0] = 0\n"
             "with SnapshotWriter(PATH, {'ram': data}) as w: w.complete()\nreport(0, SIZE)\n",
-            PATH=sparse_path, SIZE=size,
+            PATH=sparse_path,
+            SIZE=size,
         )
         warm(dense_path)
         warm(sparse_path)
         print(f"restore, {size / 2**30:.1f} GiB from the page cache into fresh memory (best of {args.runs})")
-        base = best(args.runs, RESTORE_BASELINE, PATH=dense_path)
+        configs = {"base": (RESTORE_BASELINE, {"PATH": dense_path})}
+        for channels in (1, 2, 4):
+            configs[f"ours{channels}"] = (RESTORE_OURS, {"PATH": dense_path, "CHANNELS": channels})
+        configs["sparse"] = (RESTORE_OURS, {"PATH": sparse_path, "CHANNELS": 4})
+        res = best_of(args.runs, configs)
+        base = res["base"]
         with mappedram.open(dense_path) as snap:
             offset = snap.block("ram").pages_offset
         ceiling = dd_ceiling(dense_path, offset // 2**20, size // 2**20)
-        print(f"  {'baseline readinto(), whole region':<36} {gbps(base):6.2f} GB/s  1.00x  peak RSS {base['rss_mib']:7.0f} MiB")
+        print(
+            f"  {'baseline readinto(), whole region':<36} {gbps(base):6.2f} GB/s  1.00x  "
+            f"peak RSS {base['rss_mib']:6.0f} MiB"
+        )
         print(f"  {'ceiling dd bs=1M (cache-hot buffer)':<36} {ceiling:6.2f} GB/s  {ceiling / gbps(base):.2f}x")
         for channels in (1, 2, 4):
-            r = best(args.runs, RESTORE_OURS, PATH=dense_path, CHANNELS=channels)
-            print(f"  {f'mappedram restore, {channels} channel(s)':<36} {gbps(r):6.2f} GB/s  "
-                  f"{gbps(r) / gbps(base):.2f}x  peak RSS {r['rss_mib']:7.0f} MiB")
-        r = best(args.runs, RESTORE_OURS, PATH=sparse_path, CHANNELS=4)
-        print(f"  {'sparse (10% populated), 4 channels':<36} {r['seconds']:6.3f} s for {r['bytes'] / 2**30:.2f} GiB "
-              f"populated (dense: {size / gbps(base) / 1e9:.3f} s baseline)")
+            r = res[f"ours{channels}"]
+            print(
+                f"  {f'mappedram restore, {channels} channel(s)':<36} {gbps(r):6.2f} GB/s  "
+                f"{gbps(r) / gbps(base):.2f}x  peak RSS {r['rss_mib']:6.0f} MiB"
+            )
+        r = res["sparse"]
+        print(
+            f"  {'sparse (10% populated), 4 channels':<36} {r['seconds']:6.3f} s for "
+            f"{r['bytes'] / 2**30:.2f} GiB populated (dense, 4 channels: {res['ours4']['seconds']:.3f} s)"
+        )
 
         print(f"save, {size / 2**30:.1f} GiB dense buffer to a new file (best of {args.runs})")
+        out = os.path.join(tmp, "out.sav")
         for fsync in (False, True):
-            out = os.path.join(tmp, "out.sav")
-            base = best(args.runs, SAVE_BASELINE, PATH=out, PATH_OUT=out, SIZE=size, FSYNC=fsync)
             label = "with fsync" if fsync else "no fsync"
+            params = {"PATH": out, "PATH_OUT": out, "SIZE": size, "FSYNC": fsync}
+            configs = {"base": (SAVE_BASELINE, params)}
+            for channels in (1, 2, 4):
+                configs[f"ours{channels}"] = (SAVE_OURS, {**params, "CHANNELS": channels})
+            res = best_of(args.runs, configs)
+            base = res["base"]
             print(f"  {f'baseline write(), {label}':<36} {gbps(base):6.2f} GB/s  1.00x")
             for channels in (1, 2, 4):
-                r = best(args.runs, SAVE_OURS, PATH=out, PATH_OUT=out, SIZE=size, CHANNELS=channels, FSYNC=fsync)
-                print(f"  {f'SnapshotWriter, {channels} ch, {label}':<36} {gbps(r):6.2f} GB/s  "
-                      f"{gbps(r) / gbps(base):.2f}x")
-            os.unlink(out)
+                r = res[f"ours{channels}"]
+                print(
+                    f"  {f'SnapshotWriter, {channels} ch, {label}':<36} {gbps(r):6.2f} GB/s  "
+                    f"{gbps(r) / gbps(base):.2f}x"
+                )
 
         print("live save: downtime inside complete() with 1% of pages dirtied per round")
-        out = os.path.join(tmp, "live.sav")
-        oneshot = best(args.runs, SAVE_OURS, PATH=out, PATH_OUT=out, SIZE=size, CHANNELS=4, FSYNC=True)
-        print(f"  {'one-shot save (4 ch, fsync)':<36} {oneshot['seconds']:6.3f} s  100%")
+        params = {"PATH": out, "PATH_OUT": out, "SIZE": size, "CHANNELS": 4}
+        res = best_of(
+            args.runs,
+            {
+                "oneshot": (SAVE_OURS, {**params, "FSYNC": True}),
+                "manual": (LIVE, {**params, "TRACKING": "manual"}),
+                "digest": (LIVE, {**params, "TRACKING": "digest"}),
+            },
+        )
+        oneshot = res["oneshot"]["seconds"]
+        print(f"  {'one-shot save (4 ch, fsync)':<36} {oneshot:6.3f} s  100%")
         for tracking in ("manual", "digest"):
-            r = best(args.runs, LIVE, PATH=out, PATH_OUT=out, SIZE=size, CHANNELS=4, TRACKING=tracking)
-            print(f"  {f'downtime, {tracking} dirty tracking':<36} {r['seconds']:6.3f} s  "
-                  f"{100 * r['seconds'] / oneshot['seconds']:.1f}%")
+            r = res[tracking]
+            print(
+                f"  {f'downtime, {tracking} dirty tracking':<36} {r['seconds']:6.3f} s  "
+                f"{100 * r['seconds'] / oneshot:.1f}%"
+            )
 
 
 if __name__ == "__main__":

@@ -22,13 +22,21 @@ class Channels(Generic[Item]):
     """``count`` worker threads running ``work(fd, item)`` for every submitted item."""
 
     def __init__(
-        self, path: str, count: int, flags: int, work: Callable[[int, Item], None], name: str = "channel"
+        self,
+        path: str,
+        count: int,
+        flags: int,
+        work: Callable[[int, Item], None],
+        name: str = "channel",
+        depth: int | None = None,
     ) -> None:
         if count < 1:
             raise ValueError("at least one channel is needed")
         self.syncs = 0
         self._work = work
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=4 * count)
+        # depth: items that may wait; enough that the producer can prepare the next batch
+        # of work while the channels drain this one, so neither side idles.
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth or 4 * count)
         self._error: BaseException | None = None
         self._fds: list[int] = []
         self._threads: list[threading.Thread] = []
