@@ -40,7 +40,8 @@ _SCAN_PAGES = 8192  # pages digested, zero-checked and queued at a time (32 MiB 
 # page count, data) -> (the data the channel will write, seconds it waits first). It
 # models a channel that took its bytes at dispatch but whose write lands late.
 DelayHook = Callable[[str, int, int, int, memoryview], tuple[Any, float]]
-_Batch = tuple["_Block", int, Any, float]  # block, first page, the pages' bytes, delay
+_Batch = tuple["_Block", np.ndarray, Any, float]  # block, page numbers, their bytes (rows), delay
+_GROUP_RUNS = 512  # short runs gathered into one channel item at most
 
 
 @dataclass(frozen=True)
@@ -299,35 +300,50 @@ class SnapshotWriter:
         return stats
 
     def _queue_rows(self, blk: _Block, pages: np.ndarray, rows: np.ndarray, row_of: np.ndarray) -> None:
-        """Hand runs of pages that are consecutive in the file and in ``rows`` to the channels."""
-        assert self._channels is not None
+        """Hand the dirty pages to the channels: long runs as views of ``rows`` in pieces of
+        ``batch_bytes``; short runs gathered (copied) into one item of up to ``batch_bytes``
+        and GROUP_RUNS runs, so scattered pages do not cost a queue hand-off each."""
         per_batch = self.batch_bytes // self.page_size
+        group: list[int] = []  # indices into pages/row_of
+        runs = 0
         for a, b in _consecutive(pages, row_of):
-            for i in range(a, b, per_batch):
-                count = min(per_batch, b - i)
-                row = int(row_of[i])
-                data: Any = rows[row : row + count]
-                delay = 0.0
-                if self._delay_hook is not None:
-                    data, delay = self._delay_hook(blk.name, self.rounds, int(pages[i]), count, data.reshape(-1).data)
-                self._channels.submit((blk, int(pages[i]), data, delay))
+            if b - a >= per_batch:
+                for i in range(a, b, per_batch):
+                    row = int(row_of[i])
+                    count = min(per_batch, b - i)
+                    self._submit(blk, pages[i : i + count], rows[row : row + count])
+                continue
+            group.extend(range(a, b))
+            runs += 1
+            if len(group) >= per_batch or runs >= _GROUP_RUNS:
+                self._submit(blk, pages[group], rows[row_of[group]])
+                group, runs = [], 0
+        if group:
+            self._submit(blk, pages[group], rows[row_of[group]])
+
+    def _submit(self, blk: _Block, pages: np.ndarray, rows: np.ndarray) -> None:
+        assert self._channels is not None
+        data: Any = rows
+        delay = 0.0
+        if self._delay_hook is not None:
+            data, delay = self._delay_hook(blk.name, self.rounds, int(pages[0]), len(pages), rows.reshape(-1).data)
+        self._channels.submit((blk, pages, data, delay))
 
     def _channel_write(self, fd: int, item: _Batch) -> None:
-        blk, first, data, delay = item
+        blk, pages, data, delay = item
         if delay:
             time.sleep(delay)
         ps = self.page_size
         rows = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8).reshape(-1, ps)
         zero = _zero_pages(rows)
-        saved = blk.saved[first : first + len(rows)]  # batches of one round never overlap
-        stale = zero & saved
-        saved[:] = ~zero
+        stale = zero & blk.saved[pages]  # items of one round never share a page
+        blk.saved[pages] = ~zero
         if self.punch_holes and stale.any():
-            self._punch(blk, first + np.flatnonzero(stale))
+            self._punch(blk, pages[stale])
         keep = np.flatnonzero(~zero)
-        for a, b in _consecutive(keep, keep):
+        for a, b in _consecutive(pages[keep], keep):
             lo, hi = int(keep[a]), int(keep[b - 1]) + 1
-            pwrite_all(fd, rows[lo:hi].reshape(-1).data, blk.place.pages_offset + (first + lo) * ps)
+            pwrite_all(fd, rows[lo:hi].reshape(-1).data, blk.place.pages_offset + int(pages[lo]) * ps)
         with self._counts_lock:
             self._counts[0] += len(keep)
             self._counts[1] += len(rows) - len(keep)
@@ -347,12 +363,18 @@ class SnapshotWriter:
         return self._channels.syncs if self._channels else 0
 
     # -- completion -----------------------------------------------------------------
-    def complete(self) -> RoundStats:
+    def complete(self, on_copied: Callable[[], None] | None = None) -> RoundStats:
         """Final round (the caller has paused its writers), bitmaps, device state, EOF,
-        description; fsync, then rename over the destination."""
+        description; fsync, then rename over the destination.
+
+        ``on_copied`` is called as soon as the final round is out of the caller's buffers
+        (the channels have synced): the caller may resume its writers there, and the rest
+        (bitmaps, stream tail, fsync, rename) no longer counts as its downtime."""
         self._check_open()
         try:
             stats = self.save_round(_final=True)
+            if on_copied is not None:
+                on_copied()
             for blk in self._blocks.values():
                 pwrite_all(self._fd, memoryview(self.layout.pack(blk.saved)), blk.place.bitmap_offset)
             enc = self._encoder
