@@ -110,35 +110,57 @@ types:
         type: u4
         valid: 3
         doc: QEMU_VM_FILE_VERSION; version 2 is obsolete and refused by QEMU.
+      - id: configuration
+        type: configuration_section
+        if: first_byte == 7
+        doc: Present unless send-configuration is off (machine types <= 2.3, Xen).
       - id: elements
-        type: element
+        type: element(mapped_ram, ignore_shared, -1)
         repeat: until
         repeat-until: _.is_ram_start or _.element_type == section_type::eof or _.is_device
-        doc: The configuration and any sections before RAM, up to and with RAM START.
+        doc: Sections before RAM (if any) up to and with RAM START.
     instances:
-      has_configuration:
-        value: elements[0].element_type == section_type::configuration
-        doc: send-configuration was on (default).
+      first_byte:
+        pos: _io.pos
+        type: u1
+        doc: The byte after the version; 0x07 opens the configuration.
       mapped_ram:
-        value: has_configuration and elements[0].configuration.mapped_ram
+        value: first_byte == 7 and configuration.body.mapped_ram
         doc: The stream announced the mapped-ram capability.
       ignore_shared:
-        value: has_configuration and elements[0].configuration.ignore_shared
+        value: first_byte == 7 and configuration.body.ignore_shared
         doc: The stream announced x-ignore-shared.
       ram_start:
         value: elements.last
         doc: The RAM START section (if the stream has one).
-      ram_section_id:
-        value: ram_start.full_header.section_id
-        doc: The id of the "ram" section.
       after_blocks:
         pos: ram_start.ram_start.first_block.list_end
-        type: stream_rest
+        type: stream_rest(ram_start.full_header.section_id, mapped_ram, ignore_shared)
         if: ram_start.is_ram_start
         doc: The stream after the block list, where QEMU resumes past the last pages.
 
+  configuration_section:
+    doc: QEMU_VM_CONFIGURATION and the configuration that follows it.
+    seq:
+      - id: element_type
+        contents: [0x07]
+        doc: QEMU_VM_CONFIGURATION.
+      - id: body
+        type: configuration
+        doc: Machine type and subsections.
+
   stream_rest:
     doc: The end of the RAM START payload, then the elements after it.
+    params:
+      - id: ram_section_id
+        type: u4
+        doc: The id of the "ram" section.
+      - id: mapped_ram
+        type: bool
+        doc: Whether mapped-ram is on.
+      - id: ignore_shared
+        type: bool
+        doc: Whether x-ignore-shared is on.
     seq:
       - id: ram_start_tail
         type: ram_records
@@ -148,7 +170,7 @@ types:
         if: footer_probe == 0x7e
         doc: The RAM START section's footer.
       - id: elements
-        type: element
+        type: element(mapped_ram, ignore_shared, ram_section_id)
         repeat: until
         repeat-until: _.element_type == section_type::eof or _.is_device
         doc: PART and END sections of RAM, commands; up to the first device section or EOF.
@@ -159,16 +181,22 @@ types:
         doc: The byte after EOS; 0x7e when sections have footers.
 
   element:
-    doc: One top-level element of the stream.
+    doc: One top-level element of the stream (a section, a command or EOF).
+    params:
+      - id: mapped_ram
+        type: bool
+        doc: Whether mapped-ram is on.
+      - id: ignore_shared
+        type: bool
+        doc: Whether x-ignore-shared is on.
+      - id: ram_section_id
+        type: s8
+        doc: The id of the "ram" section, -1 before its START.
     seq:
       - id: element_type
         type: u1
         enum: section_type
         doc: What follows (QEMU_VM_*).
-      - id: configuration
-        type: configuration
-        if: element_type == section_type::configuration
-        doc: Machine type and validated capabilities.
       - id: full_header
         type: section_header_full
         if: element_type == section_type::section_start or element_type == section_type::section_full
@@ -178,7 +206,7 @@ types:
         if: element_type == section_type::section_part or element_type == section_type::section_end
         doc: The id of a section begun earlier.
       - id: ram_start
-        type: ram_start_payload
+        type: ram_start_payload(mapped_ram, ignore_shared)
         if: is_ram_start
         doc: The RAM section's setup payload up to the block list.
       - id: ram_payload
@@ -200,7 +228,7 @@ types:
       is_ram_part:
         value: >-
           (element_type == section_type::section_part or element_type == section_type::section_end)
-          and part_header.section_id == _root.stream.ram_section_id
+          and part_header.section_id == ram_section_id
         doc: A PART or END section of "ram".
       is_device:
         value: >-
@@ -380,12 +408,19 @@ types:
   ram_start_payload:
     doc: RAM START (ram_save_setup) - MEM_SIZE word, the block list, then EOS.
     doc-ref: https://gitlab.com/qemu-project/qemu/-/blob/master/migration/ram.c
+    params:
+      - id: mapped_ram
+        type: bool
+        doc: Whether each block carries a MappedRamHeader.
+      - id: ignore_shared
+        type: bool
+        doc: Whether each block carries its address.
     seq:
       - id: mem_size_word
         type: u8
         doc: Total RAM bytes with RAM_SAVE_FLAG_MEM_SIZE (0x04) in the low bits.
       - id: first_block
-        type: ram_block(mem_size, _io.pos)
+        type: ram_block(mem_size, _io.pos, mapped_ram, ignore_shared)
         doc: The first block; the rest hang off its `next`.
     instances:
       mem_size:
@@ -405,6 +440,12 @@ types:
       - id: entry_pos
         type: u8
         doc: File offset of this entry.
+      - id: mapped_ram
+        type: bool
+        doc: Whether the entry carries a MappedRamHeader.
+      - id: ignore_shared
+        type: bool
+        doc: Whether the entry carries the block's address.
     seq:
       - id: len_idstr
         type: u1
@@ -419,18 +460,15 @@ types:
         doc: Bytes of RAM in the block.
       - id: addr
         type: u8
-        if: _root.stream.ignore_shared
+        if: ignore_shared
         doc: The block's guest-physical address (x-ignore-shared only).
       - id: mapped_ram_header
         type: mapped_ram_header
         if: mapped_ram
         doc: Where the bitmap and the pages are.
     instances:
-      mapped_ram:
-        value: _root.stream.mapped_ram
-        doc: Whether the stream announced mapped-ram.
       entry_size:
-        value: '1 + len_idstr + 8 + (_root.stream.ignore_shared ? 8 : 0) + (mapped_ram ? 28 : 0)'
+        value: '1 + len_idstr + 8 + (ignore_shared ? 8 : 0) + (mapped_ram ? 28 : 0)'
         doc: Bytes of this entry in the stream.
       resume_pos:
         value: 'mapped_ram ? mapped_ram_header.pages_offset + used_length : entry_pos + entry_size'
@@ -440,11 +478,11 @@ types:
         doc: More blocks follow until MEM_SIZE is reached.
       next:
         pos: resume_pos
-        type: ram_block(remaining - used_length, resume_pos)
+        type: ram_block(remaining - used_length, resume_pos, mapped_ram, ignore_shared)
         if: has_next
         doc: The next block.
       list_end:
-        value: 'has_next ? next.list_end : resume_pos'
+        value: 'has_next ? next.list_end.as<u8> : resume_pos'
         doc: Where the stream resumes after the whole list.
       num_pages:
         value: 'mapped_ram ? used_length / mapped_ram_header.page_size : 0'
@@ -507,11 +545,11 @@ types:
         doc: The block the page belongs to.
       - id: page
         size: 4096
-        if: (flags & 0x08) != 0
+        if: (word & 0x08) != 0
         doc: The page (RAM_SAVE_FLAG_PAGE, x86 page size).
       - id: fill
         type: u1
-        if: (flags & 0x02) != 0
+        if: (word & 0x02) != 0
         doc: The fill byte of a zero page (RAM_SAVE_FLAG_ZERO), 0.
     instances:
       flags:
@@ -556,7 +594,7 @@ enums:
     0x04: mem_size
     0x08: page
     0x10: eos
-    0x20: continue
+    0x20: continued
     0x40: xbzrle
     0x80: hook
     0x100: compress_page
