@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from . import __version__
 from .errors import FormatError
 from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
+from .mapper.convert import convert
 from .mapper.restore import extract
 from .mapper.snapshot import Snapshot
 from .mapper.verify import verify
@@ -36,7 +37,8 @@ examples:
   mappedram dump vm.sav
   mappedram dump --json vm.sav | jq '.blocks[] | {name, pages_present}'
   mappedram verify --hash vm.sav
-  mappedram extract vm.sav --block pc.ram -o pc.ram.raw"""
+  mappedram extract vm.sav --block pc.ram -o pc.ram.raw
+  mappedram convert legacy.sav vm.sav --to mapped-ram"""
 
 
 def _int(text: str) -> int:
@@ -101,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--block", required=True, metavar="NAME", help="the RAM block, e.g. pc.ram")
     ext.add_argument("-o", "--output", required=True, metavar="OUT", help="the raw file to write")
     ext.add_argument(
+        "--progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)"
+    )
+    conv = sub.add_parser(
+        "convert",
+        parents=[common],
+        help="rewrite a snapshot as mapped-ram or as a classic stream",
+        description="Rewrite the RAM of a snapshot in the other layout; device sections, machine "
+        "type and section ids are carried over unchanged, so QEMU restores the output "
+        "like the input (with or without the mapped-ram capability to match). The "
+        "output appears only when complete.",
+    )
+    conv.add_argument("output", metavar="OUT", help="the file to write")
+    conv.add_argument("--to", required=True, choices=("mapped-ram", "stream"), help="the layout of OUT")
+    conv.add_argument("--channels", type=int, default=4, help="writer threads for --to mapped-ram (default 4)")
+    conv.add_argument(
         "--progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)"
     )
     return parser
@@ -214,7 +231,15 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"dump": _cmd_dump, "verify": _cmd_verify, "extract": _cmd_extract}
+def _cmd_convert(args: argparse.Namespace) -> int:
+    bar = ProgressBar(f"convert to {args.to}", args.progress)
+    convert(args.file, args.output, args.to, channels=args.channels, progress=bar, **_open_args(args))
+    bar.close()
+    print(f"{args.output}: written as {args.to}")
+    return EXIT_OK
+
+
+COMMANDS = {"dump": _cmd_dump, "verify": _cmd_verify, "extract": _cmd_extract, "convert": _cmd_convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
