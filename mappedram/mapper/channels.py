@@ -94,7 +94,7 @@ class Channels(Generic[Item]):
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """os.pwrite until every byte is written (a short write is not an error)."""
+    """os.pwritev until every byte is written (a short write is not an error)."""
     done = 0
     while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
+        done += os.pwritev(fd, [data[done:]], offset + done)
