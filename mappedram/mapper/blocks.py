@@ -58,7 +58,8 @@ class RamBlock:
         return self.used_length // self.page_size
 
     def present_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(first page, bool array) pieces covering every page, in bounded memory."""
+        """(first page, bool array) pieces, in page order and bounded memory; pages in no
+        piece are absent."""
         raise NotImplementedError
 
     def extent_arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -126,7 +127,7 @@ class RamBlock:
 
     def read(self, progress: Progress | None = None) -> np.ndarray:
         """The whole block as a new uint8 array; absent pages are zero."""
-        out = np.zeros(self.used_length, dtype=np.uint8)  # calloc: untouched pages cost nothing
+        out = new_buffer(self.name, self.used_length)
         self.read_into(out, progress, zero_fill=False)
         return out
 
@@ -140,6 +141,19 @@ class RamBlock:
             "entry_offset": self.entry_offset,
             "addr": self.addr,
         }
+
+
+def new_buffer(name: str, size: int) -> np.ndarray:
+    """A zeroed uint8 array for a block, refused with a clear error when the block claims
+    more than this machine's memory (a classic stream's RAM size is not bounded by its
+    file size)."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        memory = 0
+    if memory and size > memory:
+        raise MemoryError(f"block {name!r} claims {size} bytes of RAM, more than this machine's {memory}")
+    return np.zeros(size, dtype=np.uint8)  # calloc: untouched pages cost nothing
 
 
 def read_exact(fd: int, view: memoryview, offset: int, what: str) -> None:
@@ -242,7 +256,12 @@ class MappedRamBlock(RamBlock):
 
 
 class StreamRamBlock(RamBlock):
-    """A block of a classic stream: pages found by walking PAGE/ZERO records."""
+    """A block of a classic stream: pages found by walking PAGE/ZERO records.
+
+    The index holds only the pages that have a PAGE record (sorted page numbers and
+    their file offsets), so its size follows the file, not the RAM size the stream
+    claims; a later ZERO record for a page drops it.
+    """
 
     def __init__(
         self,
@@ -256,26 +275,40 @@ class StreamRamBlock(RamBlock):
     ) -> None:
         super().__init__(src, name, used_length, page_size, entry_offset, addr)
         self._build_index = index_builder
-        self._offsets: np.ndarray | None = None  # file offset per page, -1 = zero
+        self._index: tuple[np.ndarray, np.ndarray] | None = None
 
-    def set_offsets(self, offsets: np.ndarray) -> None:
-        self._offsets = offsets
+    def set_records(self, pages: np.ndarray, offsets: np.ndarray) -> None:
+        """Every record in stream order (offset -1 for ZERO); the last one of a page wins."""
+        last = len(pages) - 1 - np.unique(pages[::-1], return_index=True)[1]  # sorted by page
+        keep = last[offsets[last] >= 0]
+        self._index = (pages[keep], offsets[keep])
 
     @property
-    def offsets(self) -> np.ndarray:
-        if self._offsets is None:
+    def index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(page numbers, file offsets) of the pages the stream holds, by page."""
+        if self._index is None:
             self._build_index()
-        assert self._offsets is not None
-        return self._offsets
+        assert self._index is not None
+        return self._index
+
+    @property
+    def populated(self) -> int:
+        return len(self.index[0])
 
     def present_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        yield 0, self.offsets >= 0
+        pages = self.index[0]
+        step = BITMAP_CHUNK * 8
+        for first in np.unique(pages // step * step).tolist():  # only chunks that hold pages
+            chunk = np.zeros(min(step, self.num_pages - first), dtype=bool)
+            chunk[pages[(pages >= first) & (pages < first + step)] - first] = True
+            yield first, chunk
 
     def extent_arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        pages = np.flatnonzero(self.offsets >= 0)  # an 8-byte word separates any two pages
+        pages, offsets = self.index  # an 8-byte word separates any two pages: one page each
         if len(pages):
-            yield pages, np.ones(len(pages), dtype=np.int64), self.offsets[pages]
+            yield pages, np.ones(len(pages), dtype=np.int64), offsets
 
     def page_offset(self, index: int) -> int | None:
-        offset = int(self.offsets[index])
-        return offset if offset >= 0 else None
+        pages, offsets = self.index
+        at = int(np.searchsorted(pages, index))
+        return int(offsets[at]) if at < len(pages) and pages[at] == index else None

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import FormatError
 from ..formats.constants import MAPPED_RAM_LOAD_BUF_SIZE
 from ..formats.policy import Event, Sync
-from .blocks import Progress, RamBlock
+from .blocks import Progress, RamBlock, new_buffer
 from .channels import Channels, pwrite_all
 
 # One channel item: up to ITEM_PIECES reads and about ITEM_BYTES, so sparse runs do not
@@ -109,11 +109,14 @@ def _queue_block(
     progress: Progress | None,
 ) -> None:
     ps = block.page_size
-    if zero_fill and block.num_pages:
-        pages = np.frombuffer(view, dtype=np.uint8)[: block.num_pages * ps].reshape(block.num_pages, ps)
-        for first, present in block.present_chunks():
-            pages[first : first + len(present)][~present] = 0
+    zeros = np.frombuffer(view, dtype=np.uint8) if zero_fill else None
+    end = 0  # bytes of the target settled so far
     for firsts, counts, offsets in block.extent_arrays():
+        if zeros is not None:  # clear the gaps between populated runs
+            starts = firsts * ps
+            for gap_start, gap_end in zip([end, *((firsts + counts)[:-1] * ps).tolist()], starts.tolist()):
+                zeros[gap_start:gap_end] = 0
+            end = int((firsts[-1] + counts[-1]) * ps)
         dests, lengths, file_offsets = split_pieces(firsts, counts, offsets, ps)
         before = np.cumsum(lengths) - lengths
         group = np.maximum(np.arange(len(dests)) // ITEM_PIECES, before // ITEM_BYTES)
@@ -124,6 +127,8 @@ def _queue_block(
             stats.bytes_read += sum(n)
             if progress:
                 progress(stats.bytes_read, total)
+    if zeros is not None:
+        zeros[end:] = 0
 
 
 def restore(
@@ -134,7 +139,7 @@ def restore(
 
     with open_snapshot(path, **open_args) as snap:
         names = blocks if blocks is not None else list(snap.blocks)
-        out = {name: np.zeros(snap.block(name).used_length, dtype=np.uint8) for name in names}
+        out = {name: new_buffer(name, snap.block(name).used_length) for name in names}
         restore_into(snap, out, channels=channels, zero_fill=False)
     return out
 

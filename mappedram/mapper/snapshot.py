@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -107,7 +108,7 @@ class _WalkState:
     footers: bool | None = None  # decided by the first section's end
     device_index: int = 0
     current_block: str | None = None  # for CONTINUE records
-    offsets: dict[str, np.ndarray] = field(default_factory=dict)
+    records: dict[str, tuple[array, array]] = field(default_factory=dict)  # page numbers, offsets (-1: ZERO)
 
 
 class Snapshot:
@@ -470,8 +471,8 @@ class Snapshot:
             )
         for block in self.blocks.values():
             if isinstance(block, StreamRamBlock):
-                found = self._walk.offsets.get(block.name)
-                block.set_offsets(np.full(block.num_pages, -1, np.int64) if found is None else found)
+                pages, offsets = self._walk.records.get(block.name, (array("q"), array("q")))
+                block.set_records(np.frombuffer(pages, dtype=np.int64), np.frombuffer(offsets, dtype=np.int64))
 
     # -- RAM ------------------------------------------------------------------------
     def _ram_payload(self, pos: int, opening: bool) -> int:
@@ -576,7 +577,8 @@ class Snapshot:
         valid = int(self.policy.valid_flags)
         decoded = int(self.policy.decoded_flags)
         block_name = w.current_block
-        offsets = None if block_name is None else w.offsets[block_name]
+        records = None if block_name is None else w.records[block_name]
+        num_pages = 0 if block_name is None else self.blocks[block_name].num_pages
         while True:
             if pos + _WORD > size:
                 raise FormatError(pos, "a RAM word", "the end of the file")
@@ -600,26 +602,27 @@ class Snapshot:
                 block_name = bytes(mm[pos + 1 : pos + 1 + length]).decode("utf-8", "replace")
                 if block_name not in self.blocks:
                     raise FormatError(pos, "the name of a RAM block from the block list", repr(block_name))
-                offsets = w.offsets.get(block_name)
-                if offsets is None:
-                    offsets = w.offsets[block_name] = np.full(self.blocks[block_name].num_pages, -1, np.int64)
+                records = w.records.setdefault(block_name, (array("q"), array("q")))
+                num_pages = self.blocks[block_name].num_pages
                 pos += 1 + length
-            elif offsets is None:
+            elif records is None:
                 raise FormatError(pos - _WORD, "a block name (CONTINUE on the first page record)", f"word {word:#x}")
             page = (word & ~mask) // page_size
-            if page >= len(offsets):
+            if page >= num_pages:
                 raise FormatError(pos - _WORD, f"a page inside block {block_name!r}", f"address {word & ~mask:#x}")
             if flags & RamFlag.PAGE:
                 if pos + page_size > size:
                     raise FormatError(pos, f"{page_size} bytes of page data", "the end of the file")
-                offsets[page] = pos
+                records[0].append(page)
+                records[1].append(pos)
                 pos += page_size
             else:
                 if pos >= size:
                     raise FormatError(pos, "the fill byte of a zero page", "the end of the file")
                 if mm[pos] != 0:
                     raise FormatError(pos, "a zero page fill byte of 0", f"{mm[pos]:#04x}")
-                offsets[page] = -1
+                records[0].append(page)
+                records[1].append(-1)
                 pos += 1
 
     # -- restore ----------------------------------------------------------------------

@@ -25,7 +25,15 @@ from typing import Any, Callable, Literal, Mapping
 import numpy as np
 
 from ..formats.bitmap import LITTLE_ENDIAN_64, BitmapLayout
-from ..formats.constants import CAP_MAPPED_RAM, MAPPED_RAM_ALIGNMENT, RAM_IDSTR, RamFlag, SectionType, VmCommand
+from ..formats.constants import (
+    CAP_MAPPED_RAM,
+    MAPPED_RAM_ALIGNMENT,
+    QEVM_MAGIC,
+    RAM_IDSTR,
+    RamFlag,
+    SectionType,
+    VmCommand,
+)
 from ..formats.policy import POLICIES, Event, Mode, Sync
 from .channels import Channels, pwrite_all
 from .encoder import BlockPlace, StreamEncoder, configuration_vmdesc, place_block
@@ -207,7 +215,10 @@ class SnapshotWriter:
         """Prefix, QEVM header, configuration, RAM START with the block list, EOS."""
         enc = self._encoder
         caps = [CAP_MAPPED_RAM]
-        head = enc.header() + enc.configuration(self.machine_type, caps)
+        # The magic goes in last (complete()): until then the file is no QEMU stream, so a
+        # save killed half-way can never pass for a valid snapshot.
+        head = bytes(len(QEVM_MAGIC)) + enc.header()[len(QEVM_MAGIC) :] + enc.configuration(self.machine_type, caps)
+        self._magic_at = len(prefix)
         total = sum(len(b.data) for b in self._blocks.values())
         head += enc.ram_start(self._ram_id) + enc.ram_word(total, RamFlag.MEM_SIZE)
         pwrite_all(self._fd, memoryview(prefix + head), 0)
@@ -392,6 +403,7 @@ class SnapshotWriter:
             )
             self._append(tail)
             os.ftruncate(self._fd, self._stream_pos)
+            pwrite_all(self._fd, memoryview(QEVM_MAGIC), self._magic_at)
             if self.fsync:
                 os.fsync(self._fd)
             self._close_files()
