@@ -1,0 +1,128 @@
+"""Hostile input: a quick fuzz run, the regression corpus, and resource bounds."""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+
+import pytest
+from craft import block_info, patch, pattern_block, write_snapshot
+from fuzz_harness import CORPUS, exercise, make_seeds, run
+
+import mappedram
+from mappedram import FormatError
+from mappedram.formats import structs as S
+from mappedram.formats.constants import RamFlag
+from mappedram.mapper.convert import to_stream
+from mappedram.mapper.encoder import StreamEncoder
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory, paused_mr):
+    return make_seeds(paused_mr, tmp_path_factory.mktemp("seeds"))
+
+
+def test_seeds_are_real_and_valid(seeds):
+    for seed in seeds:
+        assert exercise(seed, seed.parent) == "ok"
+        with mappedram.open(seed) as snap:
+            assert len(snap.devices) == 33  # the fixture's device sections, carried over
+
+
+def test_quick_fuzz_run(seeds, tmp_path):
+    counts = run(seeds, 150, tmp_path, seed=12345)
+    assert counts["ok"] + counts["format-error"] == 150
+    assert counts["format-error"] > 0  # the mutations do reach the checks
+
+
+def test_regression_corpus(tmp_path):
+    cases = sorted(CORPUS.glob("*.bin"))
+    assert cases, "the corpus keeps every input that ever failed"
+    for case in cases:
+        exercise(case, tmp_path)
+
+
+def _peak_during(fn):
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_mapped_ram_block_claiming_2_60_bytes(tmp_path):
+    path = write_snapshot(tmp_path / "huge.sav", {"pc.ram": pattern_block(4)})
+    info = block_info(path, "pc.ram")
+    patch(path, info["entry_offset"] + 1 + len("pc.ram"), S.RamWord.build(1 << 60))
+
+    def attempt():
+        with pytest.raises(FormatError) as err:
+            mappedram.open(path)
+        return err.value
+
+    err, peak = _peak_during(attempt)
+    assert (
+        err.offset == info["bitmap_offset"]
+        and "bitmap of 'pc.ram' (35184372088832 bytes) inside the file" in err.expected
+    )
+    assert peak < 4 << 20
+
+
+def test_stream_claiming_2_60_bytes_allocates_nothing(tmp_path, paused_mr):
+    """A classic stream may hold few pages of a huge guest: opening it must not allocate
+    for the claimed size, and reading the block is refused clearly."""
+    small = write_snapshot(tmp_path / "small.sav", {"pc.ram": pattern_block(4)})
+    legacy = tmp_path / "legacy.sav"
+    with mappedram.open(small) as snap:
+        to_stream(snap, legacy)
+    with mappedram.open(legacy) as snap:
+        entry = snap.block("pc.ram").entry_offset
+        mem_size_at = snap.ram_section_offset + 1 + 4 + 1 + 3 + 8
+    patch(legacy, mem_size_at, S.RamWord.build((1 << 60) | RamFlag.MEM_SIZE))
+    patch(legacy, entry + 1 + len("pc.ram"), S.RamWord.build(1 << 60))
+
+    def walk():
+        with mappedram.open(legacy) as snap:
+            block = snap.block("pc.ram")
+            assert block.used_length == 1 << 60 and block.populated == 4
+            assert mappedram.verify(legacy).ok
+            with pytest.raises(MemoryError, match="claims 1152921504606846976 bytes"):
+                block.read()
+
+    _, peak = _peak_during(walk)
+    assert peak < 16 << 20
+
+
+def test_name_of_255_bytes_with_nothing_behind(tmp_path):
+    enc = StreamEncoder(4096)
+    data = enc.header() + enc.configuration("pc-q35-10.0", ["mapped-ram"]) + enc.ram_start(2)
+    data += enc.ram_word(1 << 20, RamFlag.MEM_SIZE) + b"\xff" + b"x" * 10
+    path = tmp_path / "name.sav"
+    path.write_bytes(data)
+    with pytest.raises(FormatError) as err:
+        mappedram.open(path)
+    assert err.value.offset == len(data) - 11 and "RAM block entry 0" in err.value.expected
+    assert "end of the file" in err.value.found
+
+
+def test_vmdesc_length_of_4_gib(tmp_path, paused_mr):
+    path = tmp_path / "vm.sav"
+    with mappedram.open(paused_mr) as snap:
+        devices = mappedram.DeviceState.from_snapshot(snap)
+    write_snapshot(path, {"pc.ram": pattern_block(2)}, devices=devices, alignment=4096)
+    with mappedram.open(path) as snap:
+        at = snap.vmdesc_location[0]
+        eof = snap.eof_offset
+    patch(path, at + 1, b"\xff\xff\xff\xff")
+
+    def check():
+        report = mappedram.verify(path)
+        return report
+
+    report, peak = _peak_during(check)
+    assert [(p.offset, p.text.split(",")[0]) for p in report.problems] == [
+        (eof + 1, "expected the VM description or the end of the file after EOF")
+    ]
+    assert peak < 16 << 20
+    assert os.path.getsize(path) < 1 << 20
