@@ -125,13 +125,16 @@ def _restore_and_check(workdir, image, path, *, mapped_ram: bool, offset: int = 
         assert words == [0x4D415250] * 3
 
 
+def _qemu_save_contents(vm, path):
+    """A paused mapped-ram save by QEMU, as (its device state, its RAM blocks)."""
+    save(vm, f"file:{path}", mapped_ram=True)
+    with mappedram.open(path) as snap:
+        return mappedram.DeviceState.from_snapshot(snap), {b.name: b.read() for b in snap}
+
+
 def test_our_rewrite_restores_in_qemu(vm, workdir, image):
     """QEMU snapshot -> our writer (RAM rewritten, device sections passed through) -> QEMU."""
-    src = workdir / "for-rewrite.sav"
-    save(vm, f"file:{src}", mapped_ram=True)
-    with mappedram.open(src) as snap:
-        devices = mappedram.DeviceState.from_snapshot(snap)
-        blocks = {b.name: b.read() for b in snap}
+    devices, blocks = _qemu_save_contents(vm, workdir / "for-rewrite.sav")
     marker_page = 0x200000 // 0x1000
     blocks[RAM][0x200000 + 16 : 0x200000 + 20] = [0xDE, 0xAD, 0xBE, 0xEF]
     ours = workdir / "ours.sav"
@@ -165,11 +168,7 @@ def test_convert_both_ways_restores_in_qemu(vm, workdir, image):
 
 
 def test_qemu_restores_libvirt_offset_file_written_by_us(vm, workdir, image):
-    src = workdir / "for-prefix.sav"
-    save(vm, f"file:{src}", mapped_ram=True)
-    with mappedram.open(src) as snap:
-        devices = mappedram.DeviceState.from_snapshot(snap)
-        blocks = {b.name: b.read() for b in snap}
+    devices, blocks = _qemu_save_contents(vm, workdir / "for-prefix.sav")
     xml = b"<domain/>\0"
     prefix = S.LibvirtHeaderLE.build({"data_len": len(xml) + 4000}) + xml + bytes(4000)
     ours = workdir / "ours-libvirt.sav"
