@@ -69,9 +69,6 @@ QevmHeader = Struct(
     "version" / Int32ub,
 )
 
-# The byte that opens every element of the stream.
-ElementType = Enum(Int8ub, **enum_mapping(SectionType))
-
 # §1.3 vmstate_configuration: u8 0x07, be32 len, name; then 0x05-subsections.
 ConfigurationHead = Struct(
     "element" / Const(SectionType.CONFIGURATION.value, Int8ub),
