@@ -3,6 +3,8 @@
 from .errors import FormatError
 from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64, BitmapLayout
 from .mapper.blocks import MappedRamBlock, RamBlock, StreamRamBlock
+from .mapper.convert import convert
+from .mapper.physical import PhysicalView, export_elf
 from .mapper.restore import extract, restore, restore_into
 from .mapper.snapshot import Snapshot, open
 from .mapper.verify import Report, verify
@@ -20,8 +22,11 @@ __all__ = [
     "RamBlock",
     "Report",
     "Snapshot",
+    "PhysicalView",
     "SnapshotWriter",
     "StreamRamBlock",
+    "convert",
+    "export_elf",
     "extract",
     "open",
     "restore",

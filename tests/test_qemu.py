@@ -175,3 +175,26 @@ def test_qemu_restores_libvirt_offset_file_written_by_us(vm, workdir, image):
     with mappedram.SnapshotWriter(ours, blocks, devices=devices, prefix=prefix) as writer:
         writer.complete()
     _restore_and_check(workdir, image, ours, mapped_ram=True, offset=len(prefix))
+
+
+def test_export_elf_matches_dump_guest_memory(vm, workdir):
+    """QEMU's dump-guest-memory of a paused guest and our export of its save: the same
+    PT_LOAD ranges holding the same bytes."""
+    from test_physical import elf_loads
+
+    vm.cmd("stop")
+    theirs = workdir / "qemu-core.elf"
+    vm.cmd("dump-guest-memory", paging=False, protocol=f"file:{theirs}")
+    vga = next(d for bus in vm.cmd("query-pci") for d in bus["devices"] if d["class_info"]["class"] == 0x0300)
+    vram_base = next(r["address"] for r in vga["regions"] if r["bar"] == 0)
+    path = workdir / "for-elf.sav"
+    save(vm, f"file:{path}", mapped_ram=True)
+    ours = workdir / "our-core.elf"
+    assert main(["export-elf", str(path), "-o", str(ours), "--map", f"0000:00:02.0/vga.vram={vram_base:#x}"]) == 0
+    qemu_loads, our_loads = elf_loads(theirs), elf_loads(ours)
+    assert [(a, n) for a, n, _ in our_loads] == [(a, n) for a, n, _ in qemu_loads]
+    with open(theirs, "rb") as a, open(ours, "rb") as b:
+        for (addr, size, off_a), (_, _, off_b) in zip(qemu_loads, our_loads):
+            a.seek(off_a)
+            b.seek(off_b)
+            assert a.read(size) == b.read(size), hex(addr)

@@ -1,0 +1,171 @@
+"""Guest-physical view of an x86 snapshot, and its export as an ELF core.
+
+The file does not record where a RAM block sits in guest-physical memory (FORMAT.md
+§5); for x86 `pc` (i440fx) and `q35` machines QEMU's rule is known:
+
+- "pc.ram" is split at ``below_4g``: its first part is mapped from 0, the rest from
+  4 GiB. pc: ``below_4g`` is 3 GiB when RAM >= 3.5 GiB (0xe0000000), else all of RAM;
+  q35: 2 GiB when RAM >= 2.75 GiB (0xb0000000), else all of RAM (pc_piix.c, pc_q35.c).
+- The legacy VGA window [0xa0000, 0xc0000) is device memory, not RAM; [0xc0000,
+  0x100000) is RAM again once the firmware has shadowed its ROMs there (SeaBIOS does,
+  through the PAM registers), so it is taken from pc.ram.
+- "pc.bios" is mapped just below 4 GiB.
+- Anything else (video RAM behind a PCI BAR, option ROMs) depends on what the
+  firmware programmed; give it with ``extra={"0000:00:02.0/vga.vram": 0xfd000000}``.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from ..errors import FormatError
+from .blocks import RamBlock
+from .restore import _copy_range
+
+VGA_WINDOW = (0xA0000, 0xC0000)
+FOUR_GIB = 1 << 32
+MAIN_RAM = "pc.ram"
+BIOS = "pc.bios"
+
+
+@dataclass(frozen=True)
+class Region:
+    """``size`` bytes of ``block`` from ``offset``, at guest-physical ``start``."""
+
+    start: int
+    size: int
+    block: str
+    offset: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+def below_4g(machine_type: str | None, ram_size: int) -> int:
+    """Bytes of main RAM mapped below 4 GiB for this machine type and RAM size."""
+    machine = machine_type or ""
+    if "q35" in machine:
+        return 0x80000000 if ram_size >= 0xB0000000 else ram_size
+    if "i440fx" in machine or machine.startswith("pc-") or machine == "pc":
+        return 0xC0000000 if ram_size >= 0xE0000000 else ram_size
+    raise ValueError(f"no guest-physical layout known for machine type {machine_type!r}; give below_4g=")
+
+
+class PhysicalView:
+    """Read guest-physical memory of a snapshot: ``view.read(addr, n)``."""
+
+    def __init__(
+        self, snapshot: Any, *, below_4g_size: int | None = None, extra: Mapping[str, int] | None = None
+    ) -> None:
+        self.snapshot = snapshot
+        ram = snapshot.block(MAIN_RAM)
+        low = below_4g_size if below_4g_size is not None else below_4g(snapshot.machine_type, ram.used_length)
+        low = min(low, ram.used_length)
+        regions = [Region(0, min(low, VGA_WINDOW[0]), MAIN_RAM, 0)]
+        if low > VGA_WINDOW[1]:
+            regions.append(Region(VGA_WINDOW[1], low - VGA_WINDOW[1], MAIN_RAM, VGA_WINDOW[1]))
+        if ram.used_length > low:
+            regions.append(Region(FOUR_GIB, ram.used_length - low, MAIN_RAM, low))
+        if BIOS in snapshot.blocks:
+            bios = snapshot.block(BIOS)
+            regions.append(Region(FOUR_GIB - bios.used_length, bios.used_length, BIOS, 0))
+        for name, base in (extra or {}).items():
+            regions.append(Region(base, snapshot.block(name).used_length, name, 0))
+        regions.sort(key=lambda r: r.start)
+        for a, b in zip(regions, regions[1:]):
+            if a.end > b.start:
+                raise ValueError(f"{a.block} at {a.start:#x} and {b.block} at {b.start:#x} overlap")
+        self.regions = [r for r in regions if r.size > 0]
+
+    def read(self, addr: int, size: int) -> bytes:
+        """``size`` bytes from guest-physical ``addr``; every byte must be RAM."""
+        out = bytearray()
+        while size > 0:
+            region = next((r for r in self.regions if r.start <= addr < r.end), None)
+            if region is None:
+                raise ValueError(f"guest-physical {addr:#x} is not RAM in this view")
+            block = self.snapshot.block(region.block)
+            take = min(size, region.end - addr)
+            out += _block_bytes(block, region.offset + addr - region.start, take)
+            addr += take
+            size -= take
+        return bytes(out)
+
+
+def _block_bytes(block: RamBlock, offset: int, size: int) -> bytes:
+    out = bytearray()
+    ps = block.page_size
+    while size > 0:
+        page, within = divmod(offset, ps)
+        take = min(size, ps - within)
+        out += bytes(block.page(page)[within : within + take])
+        offset += take
+        size -= take
+    return bytes(out)
+
+
+# ELF64 core, x86-64, little-endian: one PT_LOAD per region, like dump-guest-memory
+# with paging off (p_vaddr 0, p_paddr the guest-physical address).
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_PHDR = struct.Struct("<IIQQQQQQ")
+PT_LOAD, ET_CORE, EM_X86_64, PF_RWX = 1, 4, 62, 7
+
+
+def export_elf(
+    view: PhysicalView, out_path: str | os.PathLike[str], *, progress: Callable[[int, int], None] | None = None
+) -> int:
+    """Write the view as an ELF64 core; segments are sparse where pages are absent.
+    Returns the bytes of page data copied. Written under a temporary name."""
+    regions = view.regions
+    if not regions:
+        raise FormatError(0, "RAM blocks to export", "none")
+    data_start = _EHDR.size + _PHDR.size * len(regions)
+    offsets, pos = [], -(-data_start // 4096) * 4096
+    for region in regions:
+        offsets.append(pos)
+        pos += -(-region.size // 4096) * 4096
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)  # 64-bit, little-endian, SysV
+    header = _EHDR.pack(
+        ident, ET_CORE, EM_X86_64, 1, 0, _EHDR.size, 0, 0, _EHDR.size, _PHDR.size, len(regions), 0, 0, 0
+    )
+    for region, off in zip(regions, offsets):
+        header += _PHDR.pack(PT_LOAD, PF_RWX, off, 0, region.start, region.size, region.size, 0)
+    out_path = os.fspath(out_path)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{os.path.basename(out_path)}.", suffix=".partial", dir=os.path.dirname(os.path.abspath(out_path))
+    )
+    copied = 0
+    try:
+        os.ftruncate(fd, pos)
+        os.pwrite(fd, header, 0)
+        total = sum(r.size for r in regions)
+        done = 0
+        for region, off in zip(regions, offsets):
+            block = view.snapshot.block(region.block)
+            ps = block.page_size
+            first, last = region.offset // ps, (region.offset + region.size) // ps
+            for ext in block.extents():
+                lo, hi = max(ext.first_page, first), min(ext.first_page + ext.count, last)
+                if lo < hi:
+                    src = ext.file_offset + (lo - ext.first_page) * ps
+                    _copy_range(view.snapshot.fd, fd, src, off + lo * ps - region.offset, (hi - lo) * ps)
+                    copied += (hi - lo) * ps
+            done += region.size
+            if progress:
+                progress(done, total)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        os.unlink(tmp)
+        raise
+    return copied
