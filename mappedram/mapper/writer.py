@@ -403,9 +403,11 @@ class SnapshotWriter:
             )
             self._append(tail)
             os.ftruncate(self._fd, self._stream_pos)
+            if self.fsync:
+                os.fsync(self._fd)  # everything but the magic is on disk before the magic is
             pwrite_all(self._fd, memoryview(QEVM_MAGIC), self._magic_at)
             if self.fsync:
-                os.fsync(self._fd)
+                os.fdatasync(self._fd)
             self._close_files()
             os.replace(self._tmp, self.path)
             if self.fsync:
