@@ -9,12 +9,12 @@ place when complete.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Callable
 
 import numpy as np
 
 from ..formats.constants import RamFlag, SectionType, VmCommand
+from .atomic import atomic_output
 from .encoder import StreamEncoder, configuration_vmdesc
 from .snapshot import Snapshot
 from .writer import DeviceState, SnapshotWriter
@@ -43,53 +43,40 @@ def to_stream(src: Snapshot, out_path: str | os.PathLike[str], *, progress: Prog
     sid = devices.ram_section_id
     caps = [c for c in src.capabilities if c != "mapped-ram"]
     machine = src.machine_type or "pc-i440fx-10.0"
-    out_path = os.fspath(out_path)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{os.path.basename(out_path)}.", suffix=".partial", dir=os.path.dirname(os.path.abspath(out_path))
-    )
-    try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-            out.write(enc.header() + enc.configuration(machine, caps))
-            out.write(enc.ram_start(sid) + enc.ram_word(sum(b.used_length for b in src), RamFlag.MEM_SIZE))
-            for block in src:
-                out.write(enc.block_entry(block.name, block.used_length))
-            out.write(enc.ram_word(0, RamFlag.EOS) + enc.footer(sid))
-            out.write(enc.section_part(SectionType.SECTION_PART, sid))
-            total = sum(b.populated for b in src) * src.page_size
-            done = 0
-            for block in src:
-                data = block.read()
-                pages = data.reshape(-1, block.page_size)
-                name: str | None = block.name
-                for first, count in block.runs():
-                    nonzero = pages[first : first + count].view(np.uint64).any(axis=1)
-                    for page in (first + np.flatnonzero(nonzero)).tolist():
-                        out.write(enc.page_record(name, page, pages[page].data))
-                        name = None  # CONTINUE: same block as the previous record
-                    done += count * block.page_size
-                    if progress:
-                        progress(done, total)
-            out.write(enc.ram_word(0, RamFlag.EOS) + enc.footer(sid))
-            out.write(enc.command(VmCommand.SWITCHOVER_START))
-            out.write(enc.ram_eos_section(SectionType.SECTION_END, sid))
-            out.write(devices.sections)
-            out.write(
-                enc.eof(
-                    {
-                        "configuration": configuration_vmdesc(machine, caps),
-                        "page_size": src.page_size,
-                        "devices": devices.descriptions,
-                    }
-                )
+    with atomic_output(out_path, 0o600) as fd, os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as out:
+        out.write(enc.header() + enc.configuration(machine, caps))
+        out.write(enc.ram_start(sid) + enc.ram_word(sum(b.used_length for b in src), RamFlag.MEM_SIZE))
+        for block in src:
+            out.write(enc.block_entry(block.name, block.used_length))
+        out.write(enc.ram_word(0, RamFlag.EOS) + enc.footer(sid))
+        out.write(enc.section_part(SectionType.SECTION_PART, sid))
+        total = sum(b.populated for b in src) * src.page_size
+        done = 0
+        for block in src:
+            data = block.read()
+            pages = data.reshape(-1, block.page_size)
+            name: str | None = block.name
+            for first, count in block.runs():
+                nonzero = pages[first : first + count].view(np.uint64).any(axis=1)
+                for page in (first + np.flatnonzero(nonzero)).tolist():
+                    out.write(enc.page_record(name, page, pages[page].data))
+                    name = None  # CONTINUE: same block as the previous record
+                done += count * block.page_size
+                if progress:
+                    progress(done, total)
+        out.write(enc.ram_word(0, RamFlag.EOS) + enc.footer(sid))
+        out.write(enc.command(VmCommand.SWITCHOVER_START))
+        out.write(enc.ram_eos_section(SectionType.SECTION_END, sid))
+        out.write(devices.sections)
+        out.write(
+            enc.eof(
+                {
+                    "configuration": configuration_vmdesc(machine, caps),
+                    "page_size": src.page_size,
+                    "devices": devices.descriptions,
+                }
             )
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        )
 
 
 def convert(

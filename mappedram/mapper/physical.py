@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ..errors import FormatError
+from .atomic import atomic_output
 from .blocks import RamBlock
 from .restore import _copy_range
 
@@ -135,12 +135,8 @@ def export_elf(
     )
     for region, off in zip(regions, offsets):
         header += _PHDR.pack(PT_LOAD, PF_RWX, off, 0, region.start, region.size, region.size, 0)
-    out_path = os.fspath(out_path)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{os.path.basename(out_path)}.", suffix=".partial", dir=os.path.dirname(os.path.abspath(out_path))
-    )
     copied = 0
-    try:
+    with atomic_output(out_path) as fd:
         os.ftruncate(fd, pos)
         os.pwrite(fd, header, 0)
         total = sum(r.size for r in regions)
@@ -158,14 +154,4 @@ def export_elf(
             done += region.size
             if progress:
                 progress(done, total)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        os.unlink(tmp)
-        raise
     return copied

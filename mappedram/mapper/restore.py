@@ -9,7 +9,6 @@ of the load, never per block (multifd_recv_sync_main "once and for all").
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -18,6 +17,7 @@ import numpy as np
 from ..errors import FormatError
 from ..formats.constants import MAPPED_RAM_LOAD_BUF_SIZE
 from ..formats.policy import Event, Sync
+from .atomic import atomic_output
 from .blocks import Progress, RamBlock, new_buffer
 from .channels import Channels, pwrite_all
 
@@ -152,30 +152,16 @@ def extract(
     The file is written under a temporary name and renamed into place when complete.
     """
     block = snapshot.block(name)
-    out_path = os.fspath(out_path)
-    directory = os.path.dirname(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out_path)}.", suffix=".partial", dir=directory)
-    try:
+    done = 0
+    with atomic_output(out_path) as fd:
         os.ftruncate(fd, block.used_length)
         total = block.populated * block.page_size
-        done = 0
         for ext in block.extents():
             length = ext.count * block.page_size
-            dest = ext.first_page * block.page_size
-            _copy_range(snapshot.fd, fd, ext.file_offset, dest, length)
+            _copy_range(snapshot.fd, fd, ext.file_offset, ext.first_page * block.page_size, length)
             done += length
             if progress:
                 progress(done, total)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        os.unlink(tmp)
-        raise
     return done
 
 
