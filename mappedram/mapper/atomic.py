@@ -14,9 +14,11 @@ def atomic_output(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[i
     and renamed over ``path``, on any error removed. A previous ``path`` is untouched
     until the rename."""
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=os.path.dirname(os.path.abspath(path))
-    )
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+    except OSError as err:  # name the file asked for, not the temporary one
+        raise OSError(err.errno, err.strerror, path) from None
     try:
         yield fd
         os.fsync(fd)
