@@ -19,6 +19,7 @@ import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
@@ -174,6 +175,7 @@ class SnapshotWriter:
         self._delay_hook: DelayHook | None = None  # private test hook, see tests/test_writer.py
         self._digest_key = np.random.default_rng().integers(1, 2**63, page_size // 8, dtype=np.uint64) | 1
         self._blocks = self._wrap_blocks(blocks, len(prefix))
+        self._digest_pool = ThreadPoolExecutor(max(1, min(channels, os.cpu_count() or 1)), "digest")
         self._counts = [0, 0]  # pages written, pages found zero in this round
         self._counts_lock = threading.Lock()
         self._done = False
@@ -251,7 +253,7 @@ class SnapshotWriter:
         return dirty
 
     def _dirty_rows(
-        self, blk: _Block, start: int, end: int, manual: np.ndarray | None, final: bool
+        self, blk: _Block, start: int, end: int, manual: np.ndarray | None, final: bool, digests: Any = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The dirty pages of [start, end): (page numbers, rows holding their bytes, row
         index of each page). Rows are the live buffer, or for digest tracking in a
@@ -270,7 +272,7 @@ class SnapshotWriter:
         if blk.digests is None and final:
             pos = np.arange(end - start)  # a one-shot save: every page, no digests needed
             return pos + start, live, pos
-        digests = np.dot(live.view(np.uint64), self._digest_key)
+        digests = digests.result() if digests is not None else np.dot(live.view(np.uint64), self._digest_key)
         if blk.digests is None:
             blk.digests = np.zeros(len(blk.pages), dtype=np.uint64)
             pos = np.arange(end - start)
@@ -295,9 +297,16 @@ class SnapshotWriter:
         self._counts = [0, 0]
         for blk in self._blocks.values():
             manual = self._take_manual_dirty(blk) if blk.dirty is not None else None
-            for start in range(0, len(blk.pages), _SCAN_PAGES):
-                end = min(len(blk.pages), start + _SCAN_PAGES)
-                pages, rows, row_of = self._dirty_rows(blk, start, end, manual, _final)
+            chunks = [(s, min(len(blk.pages), s + _SCAN_PAGES)) for s in range(0, len(blk.pages), _SCAN_PAGES)]
+            # numpy's dot releases the GIL: digest the chunks ahead, on the other cores
+            needed = manual is None and not (_final and blk.digests is None)
+            ahead = (
+                [self._digest_pool.submit(np.dot, blk.pages[s:e].view(np.uint64), self._digest_key) for s, e in chunks]
+                if needed
+                else [None] * len(chunks)
+            )
+            for (start, end), digests in zip(chunks, ahead):
+                pages, rows, row_of = self._dirty_rows(blk, start, end, manual, _final, digests)
                 self._queue_rows(blk, pages, rows, row_of)
         if self.policy.sync_at(Event.ROUND_END) is Sync.LOCAL and (self._sync_per_round or _final):
             self._channels.sync()  # the debug switch never skips the final round's sync
@@ -429,6 +438,7 @@ class SnapshotWriter:
             self._done = True
 
     def _close_files(self) -> None:
+        self._digest_pool.shutdown(wait=True, cancel_futures=True)
         if self._channels is not None:
             self._channels.close()
         if self._fd >= 0:
