@@ -18,7 +18,7 @@ from ..errors import FormatError
 from ..formats.constants import MAPPED_RAM_LOAD_BUF_SIZE
 from ..formats.policy import Event, Sync
 from .atomic import atomic_output
-from .blocks import Progress, RamBlock, new_buffer
+from .blocks import Progress, RamBlock, new_buffer, read_exact
 from .channels import Channels, pwrite_all
 
 # One channel item: up to ITEM_PIECES reads and about ITEM_BYTES, so sparse runs do not
@@ -37,12 +37,7 @@ class RestoreStats:
 def _read_item(fd: int, item: _Item) -> None:
     views, offsets, name = item
     for view, offset in zip(views, offsets):
-        got = os.preadv(fd, [view], offset)
-        while got < len(view):  # a short read: end of file, or a signal
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if n <= 0:
-                raise FormatError(offset + got, f"{len(view) - got} more bytes of pages of {name!r}", "end of file")
-            got += n
+        read_exact(fd, view, offset, f"pages of {name!r}")
 
 
 def _target_view(block: RamBlock, target: Any) -> memoryview:
