@@ -49,9 +49,25 @@ LITTLE_ENDIAN_64 = BitmapLayout()
 BIG_ENDIAN_64 = BitmapLayout(byteorder="big")
 
 
+# numpy < 2.0 has no bitwise_count. The fallback unpacks 256 KiB slices (the 2 MiB bool scratch
+# stays in cache): a 32 MiB bitmap in ~19 ms, against ~16 ms for bitwise_count and ~50 ms for a
+# 256-entry byte table.
+_bitwise_count = getattr(np, "bitwise_count", None)
+_UNPACK_SLICE = 1 << 18
+
+
 def popcount(lsb: np.ndarray) -> int:
     """Number of set bits in a uint8 array."""
-    return int(np.bitwise_count(lsb).sum(dtype=np.int64))
+    if _bitwise_count is None:
+        return popcount_unpacked(lsb)
+    return int(_bitwise_count(lsb).sum(dtype=np.int64))
+
+
+def popcount_unpacked(lsb: np.ndarray) -> int:
+    """``popcount`` without ``np.bitwise_count``."""
+    return sum(
+        int(np.count_nonzero(np.unpackbits(lsb[i : i + _UNPACK_SLICE]))) for i in range(0, len(lsb), _UNPACK_SLICE)
+    )
 
 
 def unpack(lsb: np.ndarray, count: int) -> np.ndarray:
