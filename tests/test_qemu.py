@@ -20,6 +20,8 @@ import mappedram
 from mappedram.cli import main
 from mappedram.formats import structs as S
 
+pytestmark = pytest.mark.qemu
+
 if qemu_binary() is None or shutil.which("as") is None:
     if os.environ.get("CI"):
         raise RuntimeError("CI needs qemu-system-x86_64 >= 10 and GNU as: run .ci/install-qemu")
