@@ -574,8 +574,7 @@ class Snapshot:
         mm = src.mmap
         size, page_size, mask = self.size, self.page_size, self.page_size - 1
         unpack = struct.Struct(">Q").unpack_from
-        valid = int(self.policy.valid_flags)
-        decoded = int(self.policy.decoded_flags)
+        allowed = self.policy.decoded_words
         block_name = w.current_block
         records = None if block_name is None else w.records[block_name]
         num_pages = 0 if block_name is None else self.blocks[block_name].num_pages
@@ -584,7 +583,7 @@ class Snapshot:
                 raise FormatError(pos, "a RAM word", "the end of the file")
             (word,) = unpack(mm, pos)
             flags = word & mask
-            if flags & ~valid or flags & ~decoded or flags & RamFlag.MEM_SIZE:
+            if flags not in allowed or flags & RamFlag.MEM_SIZE:
                 why = self.policy.word_problem(flags) or "no second MEM_SIZE word"
                 raise FormatError(pos, why, f"word {word:#x}")
             pos += _WORD
