@@ -480,7 +480,7 @@ class Snapshot:
         mask = self.page_size - 1
         if opening:
             (word,) = struct.unpack(">Q", src.read(pos, _WORD, "the RAM MEM_SIZE word"))
-            if not word & RamFlag.MEM_SIZE:
+            if self.policy.word_problem(word & mask) or not word & RamFlag.MEM_SIZE:
                 raise FormatError(pos, "the MEM_SIZE word (flag 0x04) opening the RAM section", f"{word:#x}")
             self.ram_total = word & ~mask
             pos = self._block_list(pos + _WORD, self.ram_total)
