@@ -35,7 +35,7 @@ from ..formats.constants import (
     RamFlag,
     SectionType,
 )
-from ..formats.policy import ModePolicy, policy_for
+from ..formats.policy import ModePolicy, command_problem, policy_for
 from .blocks import MappedRamBlock, RamBlock, StreamRamBlock
 from .source import Source
 from .vmdesc import device_payload_size, find_vmdesc, load_vmdesc
@@ -318,6 +318,9 @@ class Snapshot:
                 w.pos = self._part_section(off, kind)
             elif kind == SectionType.COMMAND:
                 body, w.pos = src.parse(S.CommandBody, off + 1, "a command (be16 cmd, be16 len, data)")
+                why = command_problem(int(body.cmd), body.length)
+                if why:
+                    self.problems.append(Problem(off + 1, f"expected {why}"))
                 self._sections.append(
                     Section(
                         "command",
