@@ -35,13 +35,21 @@ from ..formats.constants import (
     RamFlag,
     SectionType,
 )
-from ..formats.policy import ModePolicy, command_problem, policy_for
+from ..formats.policy import (
+    ModePolicy,
+    command_problem,
+    compressed_image,
+    libvirt_format_problem,
+    libvirt_stream_problem,
+    policy_for,
+)
 from .blocks import MappedRamBlock, RamBlock, StreamRamBlock
 from .source import Source
 from .vmdesc import device_payload_size, find_vmdesc, load_vmdesc
 
 DEFAULT_PAGE_SIZE = 4096
 STREAM_PROBE_LIMIT = 1 << 20
+LIBVIRT_FORMAT_AT = 28  # the header's format field: after magic[16], version, data_len, was_running
 _WORD = S.RamWord.sizeof()
 _FOOTER = S.SectionFooter.sizeof()
 _ELEMENTS_AFTER_FOOTER = {t.value for t in SectionType} - {
@@ -206,8 +214,19 @@ class Snapshot:
             self.problems.append(
                 Problem(0, "expected a complete libvirt save (LibvirtQemudSave), found LibvirtQemudPart")
             )
+        why = libvirt_format_problem(self.libvirt.format)
+        if why:
+            self.problems.append(Problem(LIBVIRT_FORMAT_AT, f"expected {why}"))
         start = self.libvirt.stream_start
         src.require(start, 8, "the QEMU stream behind the libvirt header (92 + data_len)")
+        compressor = compressed_image(self.libvirt.format, src.read(start, min(16, self.size - start), "the stream"))
+        if compressor:
+            raise FormatError(
+                start,
+                f"an uncompressed QEMU stream; this libvirt image is {compressor}-compressed, "
+                "which mappedram cannot read yet",
+                f"the {compressor} magic",
+            )
         return start
 
     def _probe_stream_start(self) -> int:
