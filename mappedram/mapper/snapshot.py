@@ -183,6 +183,8 @@ class Snapshot:
         if src.byte(pos, "the configuration section or a section") == SectionType.CONFIGURATION:
             pos = self._read_configuration(pos)
         self.policy: ModePolicy = policy_for(self.capabilities)
+        if self.libvirt is not None and (why := libvirt_stream_problem(self.libvirt.format, self.policy.mode)):
+            self.problems.append(Problem(LIBVIRT_FORMAT_AT, f"expected {why}"))
         self.ignore_shared = CAP_IGNORE_SHARED in self.capabilities
         self.vmdesc_location = find_vmdesc(src)
         self._explicit_page_size = page_size
