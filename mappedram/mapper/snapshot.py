@@ -37,6 +37,7 @@ from ..formats.constants import (
 )
 from ..formats.policy import (
     ModePolicy,
+    block_in_file,
     command_problem,
     compressed_image,
     libvirt_format_problem,
@@ -578,9 +579,10 @@ class Snapshot:
             hdr.bitmap_offset,
             hdr.pages_offset,
             self.layout,
+            in_file=block_in_file(self.ignore_shared, hdr.bitmap_offset, hdr.pages_offset),
         )
-        if self.ignore_shared and hdr.bitmap_offset == 0 and hdr.pages_offset == 0:
-            return block, pos  # an ignored (shared) block: no bitmap, no pages, nothing reserved
+        if not block.in_file:
+            return block, pos  # a shared block: nothing reserved, the stream goes on here
         self._src.require(hdr.bitmap_offset, block.bitmap_size, f"the bitmap of {name!r}")
         self._src.require(hdr.pages_offset, entry.used_length, f"the page region of {name!r}")
         resume = hdr.pages_offset + entry.used_length
