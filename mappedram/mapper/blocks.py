@@ -145,6 +145,14 @@ class RamBlock:
         }
 
 
+def not_in_file(block: RamBlock) -> str:
+    """The one line for asking a block the file leaves out for its pages."""
+    return (
+        f"block {block.name!r} is not in the file: x-ignore-shared left its RAM in shared memory "
+        "(the backing file of its memory backend), so the file holds no pages of it"
+    )
+
+
 def new_buffer(name: str, size: int) -> np.ndarray:
     """A zeroed uint8 array for a block, refused with a clear error when the block claims
     more than this machine's memory (a classic stream's RAM size is not bounded by its
