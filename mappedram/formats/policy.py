@@ -61,7 +61,8 @@ class ModePolicy:
         """Why a RAM word with these flag bits is not allowed here, or None."""
         kind = flags & ~RamFlag.CONTINUE
         if kind not in self.word_kinds:
-            return f"RAM flags valid under {self.mode.value}: one of {_kinds(self.word_kinds)}, with or without CONTINUE"
+            kinds = _kinds(self.word_kinds)
+            return f"RAM flags valid under {self.mode.value}: one of {kinds}, with or without CONTINUE"
         if kind not in self.decoded_kinds:
             return f"RAM flags this reader decodes: one of {_kinds(self.decoded_kinds)}"
         return None
