@@ -223,7 +223,7 @@ def test_ignore_shared_block_is_valid_and_not_in_the_file(tmp_path, capsys):
         assert bytes(shared.page(0)) == bytes(PAGE) and shared.page_offset(0) is None
     assert main(["dump", str(path)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "mem-shared" in x)
-    assert line.endswith("0/256        not in the file (x-ignore-shared)"), line
+    assert "not in the file (x-ignore-shared)" in line and "0x" not in line, line  # no offsets for it
     assert main(["dump", "--json", str(path)]) == 0
     blocks = {b["name"]: b for b in json.loads(capsys.readouterr().out)["blocks"]}
     assert (blocks["mem-shared"]["in_file"], blocks["pc.ram"]["in_file"]) == (False, True)
