@@ -187,6 +187,16 @@ def libvirt_format_problem(name: str) -> str | None:
     return f"a libvirt save format ({known}), found {name}"
 
 
+def libvirt_data_problem(data_len: int, cookie_offset: int) -> str | None:
+    """Why qemuSaveImageOpen refuses this data area: an empty one ("invalid header data
+    length"), or a cookie said to start past its end (the cookie length underflows)."""
+    if data_len == 0:
+        return "a libvirt data_len above 0 (the domain XML follows the header), found 0"
+    if cookie_offset > data_len:
+        return f"a libvirt cookie offset inside the data area of {data_len} bytes, found {cookie_offset}"
+    return None
+
+
 def compressed_image(name: str, head: bytes) -> str | None:
     """The compressor's name when the stream start holds the magic the format promises."""
     fmt = SAVE_FORMATS.get(name)
