@@ -40,6 +40,7 @@ from ..formats.policy import (
     block_in_file,
     command_problem,
     compressed_image,
+    libvirt_data_problem,
     libvirt_format_problem,
     libvirt_stream_problem,
     policy_for,
@@ -50,7 +51,8 @@ from .vmdesc import device_payload_size, find_vmdesc, load_vmdesc
 
 DEFAULT_PAGE_SIZE = 4096
 STREAM_PROBE_LIMIT = 1 << 20
-LIBVIRT_FORMAT_AT = 28  # the header's format field: after magic[16], version, data_len, was_running
+LIBVIRT_DATA_LEN_AT = 20  # the header's data_len field: after magic[16], version
+LIBVIRT_FORMAT_AT = 28  # the header's format field: after data_len, was_running
 _WORD = S.RamWord.sizeof()
 _FOOTER = S.SectionFooter.sizeof()
 _ELEMENTS_AFTER_FOOTER = {t.value for t in SectionType} - {
@@ -220,6 +222,9 @@ class Snapshot:
         why = libvirt_format_problem(self.libvirt.format)
         if why:
             self.problems.append(Problem(LIBVIRT_FORMAT_AT, f"expected {why}"))
+        why = libvirt_data_problem(raw.data_len, raw.cookie_offset)
+        if why:
+            self.problems.append(Problem(LIBVIRT_DATA_LEN_AT, f"expected {why}"))
         start = self.libvirt.stream_start
         src.require(start, 8, "the QEMU stream behind the libvirt header (92 + data_len)")
         compressor = compressed_image(self.libvirt.format, src.read(start, min(16, self.size - start), "the stream"))
