@@ -55,10 +55,10 @@ def classic(tmp_path, mapped):
     return out
 
 
-def libvirt_prefix(fmt: str | int, little_endian: bool = True) -> bytes:
-    data_len = len(XML) + 4096
-    header = (S.LibvirtHeaderLE if little_endian else S.LibvirtHeaderBE).build({"data_len": data_len, "format": fmt})
-    return header + XML + bytes(data_len - len(XML))
+def libvirt_prefix(fmt: str | int, little_endian: bool = True, data_len: int = len(XML) + 4096, **fields) -> bytes:
+    schema = S.LibvirtHeaderLE if little_endian else S.LibvirtHeaderBE
+    header = schema.build({"data_len": data_len, "format": fmt, **fields})
+    return header + (XML + bytes(data_len - len(XML)) if data_len else b"")
 
 
 # -- RAM words (ram_load_precopy: switch on flags & ~CONTINUE) ------------------------------
@@ -132,6 +132,19 @@ def test_command_with_its_length_is_accepted(mapped):
 def test_libvirt_unknown_format(tmp_path, little_endian):
     path = write_snapshot(tmp_path / "lv.sav", {"pc.ram": pattern_block(2)}, prefix=libvirt_prefix(77, little_endian))
     refused(path, 28, "a libvirt save format (0 raw, 1 gzip, 2 bzip2, 3 xz, 4 lzop, 5 zstd, 6 sparse), found 77")
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({"data_len": 0}, "a libvirt data_len above 0 (the domain XML follows the header), found 0"),
+        ({"cookie_offset": len(XML) + 4097}, f"a libvirt cookie offset inside the data area of {len(XML) + 4096}"),
+    ],
+    ids=["data_len-0", "cookie-past-data"],
+)
+def test_libvirt_data_area(tmp_path, fields, expected):
+    path = write_snapshot(tmp_path / "lv.sav", {"pc.ram": pattern_block(2)}, prefix=libvirt_prefix("sparse", **fields))
+    refused(path, 20, expected)
 
 
 @pytest.mark.parametrize("fmt", ["gzip", "zstd", "lzop"])
