@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from . import __version__
 from .errors import FormatError
 from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
+from .mapper.blocks import not_in_file
 from .mapper.convert import convert
 from .mapper.physical import PhysicalView, export_elf
 from .mapper.restore import extract
@@ -188,7 +189,9 @@ def _print_dump(info: dict[str, Any]) -> None:
     )
     for b in info["blocks"]:
         line = f"  {b['name']:<{width}}  {b['used_length']:>12}  {b['pages_present']:>9}/{b['pages_total']:<9}"
-        if mapped:
+        if not b["in_file"]:
+            line += "  not in the file (x-ignore-shared)"
+        elif mapped:
             line += f"  {b['bitmap_offset']:>#13x}  {b['pages_offset']:>#12x}"
         print(line)
     if "sections" in info:
@@ -249,6 +252,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                 f"mappedram: no RAM block {args.block!r} in {args.file}; blocks: {', '.join(snap.blocks)}",
                 file=sys.stderr,
             )
+            return EXIT_UNREADABLE
+        if not snap.block(args.block).in_file:  # the file is valid; what was asked is not in it
+            print(f"mappedram: {args.file}: {not_in_file(snap.block(args.block))}", file=sys.stderr)
             return EXIT_UNREADABLE
         bar = ProgressBar(f"extract {args.block}", args.progress)
         copied = extract(snap, args.block, args.output, progress=bar)

@@ -1,10 +1,13 @@
-"""What each RAM migration mode allows, said once.
+"""What the loaders accept, said once: RAM words per mode, VM commands, libvirt formats.
 
 QEMU spreads ``migrate_mapped_ram()`` checks over ram.c and multifd.c; here one table
 says which RAM_SAVE_FLAG_* words a mode may carry and which channel syncs happen at
 which event, and the reader, verifier and writer ask it instead of testing the mode.
-Sources: FORMAT.md §3.5, §3.6 and §4.2 (ram_load_precopy's ``invalid_flags``,
-multifd_ram_sync_per_round, multifd_recv_sync_main).
+Sources: FORMAT.md §3.5, §3.6 and §4.2 (ram_load_precopy's ``invalid_flags`` and its
+``switch (flags & ~RAM_SAVE_FLAG_CONTINUE)``, multifd_ram_sync_per_round,
+multifd_recv_sync_main); savevm.c's ``mig_cmd_args`` and loadvm_process_command;
+libvirt's virQEMUSaveFormat and qemuSaveImageOpen; the x-ignore-shared marker of
+mapped_ram_setup_ramblock / parse_ramblock_mapped_ram (QEMU 11).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .constants import CAP_MAPPED_RAM, RamFlag
+from .constants import CAP_MAPPED_RAM, LibvirtFormat, RamFlag, VmCommand
 
 
 class Mode(enum.Enum):
@@ -37,8 +40,11 @@ class Sync(enum.Enum):
 @dataclass(frozen=True)
 class ModePolicy:
     mode: Mode
-    valid_flags: RamFlag  # flags a RAM word may carry in this mode
-    decoded_flags: RamFlag  # the subset this project decodes
+    # What a RAM word may be, CONTINUE aside: ram_load_precopy switches on
+    # ``flags & ~CONTINUE`` and refuses every value that is not one of these single flags
+    # ("Unknown combination of migration flags"), so 0, CONTINUE alone and PAGE|ZERO fail.
+    word_kinds: frozenset[RamFlag]
+    decoded_kinds: frozenset[RamFlag]  # the subset this project decodes
     pages_in_stream: bool  # PAGE/ZERO records in the stream, else at fixed offsets
     block_has_mapped_ram_header: bool
     syncs: Mapping[Event, Sync] = field(default_factory=dict)
@@ -46,12 +52,19 @@ class ModePolicy:
     def sync_at(self, event: Event) -> Sync:
         return self.syncs.get(event, Sync.NONE)
 
+    @property
+    def decoded_words(self) -> frozenset[int]:
+        """Every flag value a word this reader follows may carry (for the record loop)."""
+        return frozenset(int(k | c) for k in self.decoded_kinds for c in (0, RamFlag.CONTINUE))
+
     def word_problem(self, flags: int) -> str | None:
         """Why a RAM word with these flag bits is not allowed here, or None."""
-        if flags & ~self.valid_flags:
-            return f"RAM flags valid under {self.mode.value} ({flag_names(self.valid_flags)})"
-        if flags & ~self.decoded_flags:
-            return f"RAM flags this reader decodes ({flag_names(self.decoded_flags)})"
+        kind = flags & ~RamFlag.CONTINUE
+        if kind not in self.word_kinds:
+            kinds = _kinds(self.word_kinds)
+            return f"RAM flags valid under {self.mode.value}: one of {kinds}, with or without CONTINUE"
+        if kind not in self.decoded_kinds:
+            return f"RAM flags this reader decodes: one of {_kinds(self.decoded_kinds)}"
         return None
 
 
@@ -62,12 +75,16 @@ def flag_names(flags: int) -> str:
     return "|".join(names + ([f"{rest:#x}"] if rest else [])) or "0"
 
 
+def _kinds(kinds: frozenset[RamFlag]) -> str:
+    return ", ".join(flag_names(k) for k in sorted(kinds))
+
+
 POLICIES: Mapping[Mode, ModePolicy] = {
     Mode.MAPPED_RAM: ModePolicy(
         mode=Mode.MAPPED_RAM,
         # QEMU rejects HOOK|MULTIFD_FLUSH|PAGE|XBZRLE|ZERO; FULL and COMPRESS_PAGE are gone.
-        valid_flags=RamFlag.MEM_SIZE | RamFlag.EOS,
-        decoded_flags=RamFlag.MEM_SIZE | RamFlag.EOS,
+        word_kinds=frozenset({RamFlag.MEM_SIZE, RamFlag.EOS}),
+        decoded_kinds=frozenset({RamFlag.MEM_SIZE, RamFlag.EOS}),
         pages_in_stream=False,
         block_has_mapped_ram_header=True,
         # Sender: a local thread sync at the end of every dirty pass, no flush word.
@@ -76,19 +93,12 @@ POLICIES: Mapping[Mode, ModePolicy] = {
     ),
     Mode.STREAM: ModePolicy(
         mode=Mode.STREAM,
-        valid_flags=RamFlag.MEM_SIZE
-        | RamFlag.EOS
-        | RamFlag.PAGE
-        | RamFlag.ZERO
-        | RamFlag.CONTINUE
-        | RamFlag.XBZRLE
-        | RamFlag.MULTIFD_FLUSH,
-        decoded_flags=RamFlag.MEM_SIZE
-        | RamFlag.EOS
-        | RamFlag.PAGE
-        | RamFlag.ZERO
-        | RamFlag.CONTINUE
-        | RamFlag.MULTIFD_FLUSH,
+        # HOOK is left out although QEMU's default branch hands it to RDMA: only an RDMA
+        # transport writes it, never a file.
+        word_kinds=frozenset(
+            {RamFlag.MEM_SIZE, RamFlag.EOS, RamFlag.PAGE, RamFlag.ZERO, RamFlag.XBZRLE, RamFlag.MULTIFD_FLUSH}
+        ),
+        decoded_kinds=frozenset({RamFlag.MEM_SIZE, RamFlag.EOS, RamFlag.PAGE, RamFlag.ZERO, RamFlag.MULTIFD_FLUSH}),
         pages_in_stream=True,
         block_has_mapped_ram_header=False,
         # A file stream has one writer channel: pages are in order in the stream itself.
@@ -102,3 +112,114 @@ POLICIES: Mapping[Mode, ModePolicy] = {
 def policy_for(capabilities: tuple[str, ...] | list[str]) -> ModePolicy:
     """The policy of a stream whose configuration announced these capabilities."""
     return POLICIES[Mode.MAPPED_RAM if CAP_MAPPED_RAM in capabilities else Mode.STREAM]
+
+
+# -- VM commands ------------------------------------------------------------------------
+# The payload lengths loadvm_process_command accepts (savevm.c's mig_cmd_args; POSTCOPY_ADVISE
+# is checked by loadvm_postcopy_handle_advise: nothing, or two be64 page sizes). None: the
+# length varies with the payload. INVALID and anything past the last command are refused.
+COMMAND_LENGTHS: Mapping[VmCommand, frozenset[int] | None] = {
+    VmCommand.OPEN_RETURN_PATH: frozenset({0}),
+    VmCommand.PING: frozenset({4}),
+    VmCommand.POSTCOPY_ADVISE: frozenset({0, 16}),
+    VmCommand.POSTCOPY_LISTEN: frozenset({0}),
+    VmCommand.POSTCOPY_RUN: frozenset({0}),
+    VmCommand.POSTCOPY_RAM_DISCARD: None,
+    VmCommand.PACKAGED: frozenset({4}),
+    VmCommand.ENABLE_COLO: frozenset({0}),
+    VmCommand.POSTCOPY_RESUME: frozenset({0}),
+    VmCommand.RECV_BITMAP: None,
+    VmCommand.SWITCHOVER_START: frozenset({0}),
+}
+
+
+def command_problem(cmd: int, length: int) -> str | None:
+    """Why QEMU refuses a COMMAND with this be16 cmd and be16 length (the text after
+    "expected"), or None."""
+    try:
+        known: VmCommand | None = VmCommand(cmd)
+    except ValueError:
+        known = None
+    if known not in COMMAND_LENGTHS:
+        names = ", ".join(f"{c.name} ({c.value})" for c in COMMAND_LENGTHS)
+        return f"a known VM command ({names}), found cmd {cmd:#x}"
+    lengths = COMMAND_LENGTHS[known]
+    if lengths is not None and length not in lengths:
+        want = " or ".join(str(n) for n in sorted(lengths))
+        return f"a {known.name} command with a payload of {want} bytes, found {length}"
+    return None
+
+
+# -- libvirt save formats -----------------------------------------------------------------
+@dataclass(frozen=True)
+class SaveFormat:
+    """One virQEMUSaveFormat: what libvirt put behind its header."""
+
+    name: str
+    magic: bytes | None  # what the compressor writes first; None: the QEMU stream itself
+    mapped_ram: bool  # sparse images hold a mapped-ram stream, the others a classic one
+
+
+# The compressors' own magics (gzip RFC 1952, bzip2, xz, lzop, zstd RFC 8878). libvirt
+# compresses only classic streams, and restores a sparse image with the mapped-ram
+# capability on, so QEMU's capability check refuses a mapped-ram stream behind raw and a
+# classic one behind sparse.
+_COMPRESSOR_MAGIC: Mapping[LibvirtFormat, bytes] = {
+    LibvirtFormat.GZIP: b"\x1f\x8b",
+    LibvirtFormat.BZIP2: b"BZh",
+    LibvirtFormat.XZ: b"\xfd7zXZ\x00",
+    LibvirtFormat.LZOP: b"\x89LZO\x00\r\n\x1a\n",
+    LibvirtFormat.ZSTD: b"\x28\xb5\x2f\xfd",
+}
+# Keyed by the name LibvirtHeader.format shows (an unknown number shows as its digits).
+SAVE_FORMATS: Mapping[str, SaveFormat] = {
+    f.name.lower(): SaveFormat(f.name.lower(), _COMPRESSOR_MAGIC.get(f), f == LibvirtFormat.SPARSE)
+    for f in LibvirtFormat
+}
+
+
+def libvirt_format_problem(name: str) -> str | None:
+    """Why libvirt refuses a header whose format field reads ``name`` (an unknown number;
+    qemuSaveImageGetCompressionCommand: "Invalid compressed save format"), or None."""
+    if name in SAVE_FORMATS:
+        return None
+    known = ", ".join(f"{LibvirtFormat[f.upper()].value} {f}" for f in SAVE_FORMATS)
+    return f"a libvirt save format ({known}), found {name}"
+
+
+def libvirt_data_problem(data_len: int, cookie_offset: int) -> str | None:
+    """Why qemuSaveImageOpen refuses this data area: an empty one ("invalid header data
+    length"), or a cookie said to start past its end (the cookie length underflows)."""
+    if data_len == 0:
+        return "a libvirt data_len above 0 (the domain XML follows the header), found 0"
+    if cookie_offset > data_len:
+        return f"a libvirt cookie offset inside the data area of {data_len} bytes, found {cookie_offset}"
+    return None
+
+
+def compressed_image(name: str, head: bytes) -> str | None:
+    """The compressor's name when the stream start holds the magic the format promises."""
+    fmt = SAVE_FORMATS.get(name)
+    return fmt.name if fmt is not None and fmt.magic is not None and head.startswith(fmt.magic) else None
+
+
+def libvirt_stream_problem(name: str, mode: Mode) -> str | None:
+    """Why a readable QEMU stream of ``mode`` contradicts the header's format ``name``."""
+    fmt = SAVE_FORMATS.get(name)
+    if fmt is None:
+        return None  # libvirt_format_problem has said it
+    if fmt.magic is not None:
+        return f"{fmt.name}-compressed data as the header's format says, found an uncompressed QEMU stream"
+    if fmt.mapped_ram != (mode == Mode.MAPPED_RAM):
+        want, found = ("mapped-ram", "classic") if fmt.mapped_ram else ("classic", "mapped-ram")
+        return f"a {want} stream behind a libvirt header of format {fmt.name}, found a {found} stream"
+    return None
+
+
+# -- x-ignore-shared ----------------------------------------------------------------------
+def block_in_file(ignore_shared: bool, bitmap_offset: int, pages_offset: int) -> bool:
+    """False for a block QEMU 11 leaves out of a mapped-ram file: under x-ignore-shared,
+    mapped_ram_setup_ramblock writes both offsets as 0 for a shared block and reserves no
+    space; parse_ramblock_mapped_ram skips such a block and the stream goes on right
+    after its header. Its used_length still counts toward MEM_SIZE."""
+    return not (ignore_shared and bitmap_offset == 0 and pages_offset == 0)

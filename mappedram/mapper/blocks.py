@@ -46,6 +46,7 @@ class RamBlock:
         self.page_size = page_size
         self.entry_offset = entry_offset  # file offset of the block's u8 idlen
         self.addr = addr  # guest-physical address, only under x-ignore-shared
+        self.in_file = True  # False: a shared block the file leaves out (x-ignore-shared)
         self._populated: int | None = None
 
     @property
@@ -140,7 +141,16 @@ class RamBlock:
             "pages_present": self.populated,
             "entry_offset": self.entry_offset,
             "addr": self.addr,
+            "in_file": self.in_file,
         }
+
+
+def not_in_file(block: RamBlock) -> str:
+    """The one line for asking a block the file leaves out for its pages."""
+    return (
+        f"block {block.name!r} is not in the file: x-ignore-shared left its RAM in shared memory "
+        "(the backing file of its memory backend), so the file holds no pages of it"
+    )
 
 
 def new_buffer(name: str, size: int) -> np.ndarray:
@@ -182,8 +192,10 @@ class MappedRamBlock(RamBlock):
         bitmap_offset: int,
         pages_offset: int,
         layout: BitmapLayout,
+        in_file: bool = True,
     ) -> None:
         super().__init__(src, name, used_length, page_size, entry_offset, addr)
+        self.in_file = in_file  # without it: no bitmap, no pages, every page absent
         self.header_offset = header_offset
         self.version = version
         self.bitmap_offset = bitmap_offset
@@ -192,7 +204,7 @@ class MappedRamBlock(RamBlock):
 
     @property
     def bitmap_size(self) -> int:
-        return self.layout.size(self.num_pages)
+        return self.layout.size(self.num_pages) if self.in_file else 0
 
     def _lsb_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(first byte of the bitmap, LSB-first bytes) in bounded pieces of whole words."""
@@ -237,6 +249,8 @@ class MappedRamBlock(RamBlock):
                 yield starts, counts, self.pages_offset + starts * self.page_size
 
     def page_offset(self, index: int) -> int | None:
+        if not self.in_file:
+            return None
         word = self.layout.word_bytes
         bit = index % (8 * word)
         word_start = index // (8 * word) * word

@@ -18,7 +18,7 @@ from ..errors import FormatError
 from ..formats.constants import MAPPED_RAM_LOAD_BUF_SIZE
 from ..formats.policy import Event, Sync
 from .atomic import atomic_output
-from .blocks import Progress, RamBlock, new_buffer, read_exact
+from .blocks import Progress, RamBlock, new_buffer, not_in_file, read_exact
 from .channels import Channels, pwrite_all
 
 # One channel item: up to ITEM_PIECES reads and about ITEM_BYTES, so sparse runs do not
@@ -147,6 +147,8 @@ def extract(
     The file is written under a temporary name and renamed into place when complete.
     """
     block = snapshot.block(name)
+    if not block.in_file:
+        raise ValueError(not_in_file(block))
     done = 0
     with atomic_output(out_path) as fd:
         os.ftruncate(fd, block.used_length)

@@ -35,13 +35,24 @@ from ..formats.constants import (
     RamFlag,
     SectionType,
 )
-from ..formats.policy import ModePolicy, policy_for
+from ..formats.policy import (
+    ModePolicy,
+    block_in_file,
+    command_problem,
+    compressed_image,
+    libvirt_data_problem,
+    libvirt_format_problem,
+    libvirt_stream_problem,
+    policy_for,
+)
 from .blocks import MappedRamBlock, RamBlock, StreamRamBlock
 from .source import Source
 from .vmdesc import device_payload_size, find_vmdesc, load_vmdesc
 
 DEFAULT_PAGE_SIZE = 4096
 STREAM_PROBE_LIMIT = 1 << 20
+LIBVIRT_DATA_LEN_AT = 20  # the header's data_len field: after magic[16], version
+LIBVIRT_FORMAT_AT = 28  # the header's format field: after data_len, was_running
 _WORD = S.RamWord.sizeof()
 _FOOTER = S.SectionFooter.sizeof()
 _ELEMENTS_AFTER_FOOTER = {t.value for t in SectionType} - {
@@ -175,6 +186,8 @@ class Snapshot:
         if src.byte(pos, "the configuration section or a section") == SectionType.CONFIGURATION:
             pos = self._read_configuration(pos)
         self.policy: ModePolicy = policy_for(self.capabilities)
+        if self.libvirt is not None and (why := libvirt_stream_problem(self.libvirt.format, self.policy.mode)):
+            self.problems.append(Problem(LIBVIRT_FORMAT_AT, f"expected {why}"))
         self.ignore_shared = CAP_IGNORE_SHARED in self.capabilities
         self.vmdesc_location = find_vmdesc(src)
         self._explicit_page_size = page_size
@@ -206,8 +219,22 @@ class Snapshot:
             self.problems.append(
                 Problem(0, "expected a complete libvirt save (LibvirtQemudSave), found LibvirtQemudPart")
             )
+        why = libvirt_format_problem(self.libvirt.format)
+        if why:
+            self.problems.append(Problem(LIBVIRT_FORMAT_AT, f"expected {why}"))
+        why = libvirt_data_problem(raw.data_len, raw.cookie_offset)
+        if why:
+            self.problems.append(Problem(LIBVIRT_DATA_LEN_AT, f"expected {why}"))
         start = self.libvirt.stream_start
         src.require(start, 8, "the QEMU stream behind the libvirt header (92 + data_len)")
+        compressor = compressed_image(self.libvirt.format, src.read(start, min(16, self.size - start), "the stream"))
+        if compressor:
+            raise FormatError(
+                start,
+                f"an uncompressed QEMU stream; this libvirt image is {compressor}-compressed, "
+                "which mappedram cannot read yet",
+                f"the {compressor} magic",
+            )
         return start
 
     def _probe_stream_start(self) -> int:
@@ -318,6 +345,9 @@ class Snapshot:
                 w.pos = self._part_section(off, kind)
             elif kind == SectionType.COMMAND:
                 body, w.pos = src.parse(S.CommandBody, off + 1, "a command (be16 cmd, be16 len, data)")
+                why = command_problem(int(body.cmd), body.length)
+                if why:
+                    self.problems.append(Problem(off + 1, f"expected {why}"))
                 self._sections.append(
                     Section(
                         "command",
@@ -480,7 +510,7 @@ class Snapshot:
         mask = self.page_size - 1
         if opening:
             (word,) = struct.unpack(">Q", src.read(pos, _WORD, "the RAM MEM_SIZE word"))
-            if not word & RamFlag.MEM_SIZE:
+            if self.policy.word_problem(word & mask) or not word & RamFlag.MEM_SIZE:
                 raise FormatError(pos, "the MEM_SIZE word (flag 0x04) opening the RAM section", f"{word:#x}")
             self.ram_total = word & ~mask
             pos = self._block_list(pos + _WORD, self.ram_total)
@@ -554,9 +584,10 @@ class Snapshot:
             hdr.bitmap_offset,
             hdr.pages_offset,
             self.layout,
+            in_file=block_in_file(self.ignore_shared, hdr.bitmap_offset, hdr.pages_offset),
         )
-        if self.ignore_shared and hdr.bitmap_offset == 0 and hdr.pages_offset == 0:
-            return block, pos  # an ignored (shared) block: no bitmap, no pages, nothing reserved
+        if not block.in_file:
+            return block, pos  # a shared block: nothing reserved, the stream goes on here
         self._src.require(hdr.bitmap_offset, block.bitmap_size, f"the bitmap of {name!r}")
         self._src.require(hdr.pages_offset, entry.used_length, f"the page region of {name!r}")
         resume = hdr.pages_offset + entry.used_length
@@ -574,8 +605,7 @@ class Snapshot:
         mm = src.mmap
         size, page_size, mask = self.size, self.page_size, self.page_size - 1
         unpack = struct.Struct(">Q").unpack_from
-        valid = int(self.policy.valid_flags)
-        decoded = int(self.policy.decoded_flags)
+        allowed = self.policy.decoded_words
         block_name = w.current_block
         records = None if block_name is None else w.records[block_name]
         num_pages = 0 if block_name is None else self.blocks[block_name].num_pages
@@ -584,7 +614,7 @@ class Snapshot:
                 raise FormatError(pos, "a RAM word", "the end of the file")
             (word,) = unpack(mm, pos)
             flags = word & mask
-            if flags & ~valid or flags & ~decoded or flags & RamFlag.MEM_SIZE:
+            if flags not in allowed or flags & RamFlag.MEM_SIZE:
                 why = self.policy.word_problem(flags) or "no second MEM_SIZE word"
                 raise FormatError(pos, why, f"word {word:#x}")
             pos += _WORD

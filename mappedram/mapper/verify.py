@@ -63,9 +63,12 @@ def verify(
         try:
             _check(snap, report)
             if hash_blocks and not report.problems:
-                total = sum(b.used_length for b in snap)
+                total = sum(b.used_length for b in snap if b.in_file)
                 done = 0
                 for block in snap:
+                    if not block.in_file:
+                        report.notes.append(f"block {block.name!r} is not in the file (x-ignore-shared): no hash")
+                        continue
                     step = None if progress is None else (lambda n, base=done: progress(base + n, total))
                     report.hashes[block.name] = block_sha256(block, step)
                     done += block.used_length
@@ -101,7 +104,7 @@ def _check(snap: Snapshot, report: Report) -> None:
             )
         )
     _check_vmdesc(snap, report)
-    mapped = [b for b in snap if isinstance(b, MappedRamBlock)]
+    mapped = [b for b in snap if isinstance(b, MappedRamBlock) and b.in_file]  # others own no file bytes
     for block in mapped:
         _check_block(snap, block, problems)
     _check_regions(snap, mapped, problems)
