@@ -1,4 +1,5 @@
-"""Shared test set-up: the real QEMU 10.0 fixtures, decompressed sparse and cached."""
+"""Shared test set-up: the real QEMU 10.0 fixtures of tests/fixtures/ (made by its make.py),
+decompressed sparse and cached in tests/.fixtures/."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = Path(os.environ.get("MAPPEDRAM_FIXTURES", REPO.parent / "shared" / "fixtures"))
+FIXTURES = Path(os.environ.get("MAPPEDRAM_FIXTURES", REPO / "tests" / "fixtures"))
 CACHE = REPO / "tests" / ".fixtures"
 CHUNK = 1 << 20
 NAMES = sorted(p.name.removesuffix(".manifest.json") for p in FIXTURES.glob("*.manifest.json"))
@@ -57,6 +58,10 @@ def fixture_file(name: str) -> Path:
 
 def load_manifest(name: str) -> dict:
     return json.loads((FIXTURES / f"{name}.manifest.json").read_text())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "qemu: drives a real QEMU 10 (skips without it, fails under CI=true)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
