@@ -43,16 +43,21 @@ def _sha256(path: Path) -> str:
 
 
 def fixture_file(name: str) -> Path:
-    """The decompressed fixture ``name`` (e.g. ``pc64-a-paused-mr.bin``), checked by its sha256."""
+    """The decompressed fixture ``name`` (e.g. ``pc64-a-paused-mr.bin``), checked by its sha256.
+
+    The cache keeps the checked digest beside each file: a regenerated fixture (same size,
+    new content) is decompressed again."""
     manifest = load_manifest(name)
-    dest = CACHE / name
-    if not dest.exists() or dest.stat().st_size != manifest["file_apparent_bytes"]:
+    dest, stamp = CACHE / name, CACHE / f"{name}.sha256"
+    if not dest.exists() or not stamp.exists() or stamp.read_text() != manifest["file_sha256"]:
         CACHE.mkdir(exist_ok=True)
+        stamp.unlink(missing_ok=True)
         _decompress(FIXTURES / f"{name}.zst", dest)
         digest = _sha256(dest)
         if digest != manifest["file_sha256"]:
             dest.unlink()
             raise AssertionError(f"{name}: decompressed sha256 {digest} != manifest {manifest['file_sha256']}")
+        stamp.write_text(digest)
     return dest
 
 
