@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +166,35 @@ def test_restore_matches_read(fixture_path):
         assert got.keys() == expected.keys()
         for name in expected:
             assert np.array_equal(got[name], expected[name]), name
+
+
+def test_committed_set_stays_small():
+    """The repository carries its fixtures: together well under 10 MB."""
+    from conftest import FIXTURES
+
+    files = list(FIXTURES.glob("*.zst"))
+    assert len(files) == len(list(FIXTURES.glob("*.manifest.json"))) >= 8
+    assert sum(f.stat().st_size for f in files) < 10_000_000
+
+
+def test_nothing_reads_outside_the_repository():
+    """A fresh clone has nothing beside it: the fixtures are the repository's own, and no
+    test, bench or CI file names the shared folder the fixtures once came from."""
+    import os
+
+    from conftest import FIXTURES, REPO
+
+    if "MAPPEDRAM_FIXTURES" not in os.environ:
+        assert FIXTURES.resolve().is_relative_to(REPO)
+    pattern = re.compile(r"\.\./shared|parent\s*/\s*.shared")
+    offenders = [
+        str(path.relative_to(REPO))
+        for folder in ("tests", "bench", ".ci")
+        for path in (REPO / folder).rglob("*")
+        if path.is_file()
+        and path.suffix not in (".zst", ".bin", ".pyc")
+        and ".fixtures" not in path.parts
+        and path != Path(__file__)
+        and pattern.search(path.read_text(errors="replace"))
+    ]
+    assert offenders == []
