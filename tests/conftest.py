@@ -1,4 +1,5 @@
-"""Shared test set-up: the real QEMU 10.0 fixtures, decompressed sparse and cached."""
+"""Shared test set-up: the real QEMU 10.0 fixtures of tests/fixtures/ (made by its make.py),
+decompressed sparse and cached in tests/.fixtures/."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = Path(os.environ.get("MAPPEDRAM_FIXTURES", REPO.parent / "shared" / "fixtures"))
+FIXTURES = Path(os.environ.get("MAPPEDRAM_FIXTURES", REPO / "tests" / "fixtures"))
 CACHE = REPO / "tests" / ".fixtures"
 CHUNK = 1 << 20
 NAMES = sorted(p.name.removesuffix(".manifest.json") for p in FIXTURES.glob("*.manifest.json"))
@@ -42,21 +43,30 @@ def _sha256(path: Path) -> str:
 
 
 def fixture_file(name: str) -> Path:
-    """The decompressed fixture ``name`` (e.g. ``pc64-a-paused-mr.bin``), checked by its sha256."""
+    """The decompressed fixture ``name`` (e.g. ``pc64-a-paused-mr.bin``), checked by its sha256.
+
+    The cache keeps the checked digest beside each file: a regenerated fixture (same size,
+    new content) is decompressed again."""
     manifest = load_manifest(name)
-    dest = CACHE / name
-    if not dest.exists() or dest.stat().st_size != manifest["file_apparent_bytes"]:
+    dest, stamp = CACHE / name, CACHE / f"{name}.sha256"
+    if not dest.exists() or not stamp.exists() or stamp.read_text() != manifest["file_sha256"]:
         CACHE.mkdir(exist_ok=True)
+        stamp.unlink(missing_ok=True)
         _decompress(FIXTURES / f"{name}.zst", dest)
         digest = _sha256(dest)
         if digest != manifest["file_sha256"]:
             dest.unlink()
             raise AssertionError(f"{name}: decompressed sha256 {digest} != manifest {manifest['file_sha256']}")
+        stamp.write_text(digest)
     return dest
 
 
 def load_manifest(name: str) -> dict:
     return json.loads((FIXTURES / f"{name}.manifest.json").read_text())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "qemu: drives a real QEMU 10 (skips without it, fails under CI=true)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,4 +1,4 @@
-"""A real qemu-system-x86_64 for the tests: the project's boot-sector guest, driven over QMP."""
+"""A real QEMU for the tests: the project's boot-sector guest (x86) or a bare machine, driven over QMP."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 GUEST_SOURCE = Path(__file__).resolve().parent / "guest" / "boot.S"
 RAM_MB = 64
 MACHINE = "pc"
 
 
-def qemu_binary() -> str | None:
-    """qemu-system-x86_64 if it is 10.0 or later (mapped-ram with the 10.0 stream layout)."""
-    path = shutil.which("qemu-system-x86_64")
+def qemu_binary(target: str = "x86_64") -> str | None:
+    """qemu-system-TARGET if it is 10.0 or later (mapped-ram with the 10.0 stream layout)."""
+    path = shutil.which(f"qemu-system-{target}")
     if path is None:
         return None
     out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
@@ -47,42 +47,32 @@ class Vm:
     """One QEMU process with a QMP socket. Use as a context manager."""
 
     def __init__(
-        self, workdir: Path, image: Path, *, incoming: bool = False, name: str = "vm", ram_mb: int = RAM_MB
+        self,
+        workdir: Path,
+        image: Path | None,
+        *,
+        incoming: bool = False,
+        name: str = "vm",
+        ram_mb: int = RAM_MB,
+        machine: str = MACHINE,
+        target: str = "x86_64",
+        extra_args: Sequence[str] = (),
     ) -> None:
-        binary = qemu_binary()
+        """``image`` is the x86 boot disk (None: no disk, no VGA, for a bare machine);
+        ``extra_args`` go on the command line as they are (devices, memory backends, -S)."""
+        binary = qemu_binary(target)
         assert binary is not None
         self.sock_path = workdir / f"{name}.qmp"
         self.log = (workdir / f"{name}.log").open("wb")
-        args = [
-            binary,
-            "-machine",
-            MACHINE,
-            "-accel",
-            "tcg",
-            "-m",
-            str(ram_mb),
-            "-smp",
-            "1",
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-serial",
-            "none",
-            "-parallel",
-            "none",
-            "-nodefaults",
-            "-vga",
-            "std",
-            "-net",
-            "none",
-            "-drive",
-            f"file={image},format=raw,if=ide,file.locking=off,snapshot=on",
-            "-qmp",
-            f"unix:{self.sock_path},server=on,wait=off",
-        ]
+        args = [binary, "-machine", machine, "-accel", "tcg", "-m", str(ram_mb), "-smp", "1"]
+        args += ["-display", "none", "-monitor", "none", "-serial", "none", "-parallel", "none"]
+        args += ["-nodefaults", "-net", "none"]
+        if image is not None:
+            args += ["-vga", "std", "-drive", f"file={image},format=raw,if=ide,file.locking=off,snapshot=on"]
+        args += [*extra_args, "-qmp", f"unix:{self.sock_path},server=on,wait=off"]
         if incoming:
             args += ["-incoming", "defer"]
+        self.args = args
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         self.sock = self._connect()
         self.file = self.sock.makefile("rwb")

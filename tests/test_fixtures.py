@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +23,15 @@ def test_header_and_configuration(fixture_path, manifest):
         assert snap.page_size == manifest["target_page_size"]
         assert snap.ram_total == manifest["ram_total"]
         assert snap.size == manifest["file_apparent_bytes"]
-        assert snap.libvirt is None
+        want = manifest["libvirt"]  # the header make.py wrote in front, or null
+        if want is None:
+            assert snap.libvirt is None
+        else:
+            lv = snap.libvirt
+            assert (lv.complete, lv.byteorder) == (True, "little")
+            got = {k: getattr(lv, k) for k in ("version", "data_len", "was_running", "format", "cookie_offset")}
+            assert got == {k: want[k] for k in got}
+            assert snap.stream_start == 92 + want["data_len"]
 
 
 def test_blocks_match_manifest(fixture_path, manifest):
@@ -45,10 +55,8 @@ def test_reconstructed_ram_sha256(fixture_path, manifest):
 
 
 def test_main_ram_equals_qemu_pmemsave(fixture_path, manifest):
-    """QEMU's own pmemsave of guest RAM equals the block (except the VGA window)."""
-    pm = manifest.get("main_ram_pmemsave")
-    if pm is None:
-        pytest.skip("live save: no pmemsave to compare with")
+    """QEMU's own pmemsave of guest RAM equals the block (except the x86 VGA window)."""
+    pm = manifest["main_ram_pmemsave"]
     with mappedram.open(fixture_path) as snap:
         ram = snap.block(pm["block"]).read()
     for region in pm["regions"]:
@@ -58,11 +66,14 @@ def test_main_ram_equals_qemu_pmemsave(fixture_path, manifest):
 
 
 def test_guest_stamps_visible(fixture_path, manifest):
-    """The guest wrote marker 0x4d415250 at +4 and the page number at +8 of every page
-    from 1 MiB to RAM - 1 MiB; page() and read() must both show it."""
+    """Marker 0x4d415250 at +4, the page number at +8 and its complement at +12 of every
+    page from 1 MiB to RAM - 1 MiB (boot.S wrote them, or QEMU's loader on sun4u);
+    page() and read() must both show it."""
+    stamps = manifest["stamps"]
+    first, last = stamps["first_page"], stamps["end_page"]
     with mappedram.open(fixture_path) as snap:
-        ram = snap.block("pc.ram")
-        first, last = 256, ram.num_pages - 256
+        ram = snap.block(stamps["block"])
+        assert ram.page_size == stamps["page_size"]
         words = ram.read().view("<u4").reshape(ram.num_pages, -1)
         assert (words[first:last, 1] == 0x4D415250).all()
         assert (words[first:last, 2] == np.arange(first, last)).all()
@@ -125,7 +136,7 @@ def test_cli_dump_text(fixture_path, manifest, capsys):
     assert main(["dump", str(fixture_path)]) == 0
     out = capsys.readouterr().out
     assert manifest["machine_type"] in out
-    assert "pc.ram" in out and "switchover_start" in out
+    assert manifest["stamps"]["block"] in out and "switchover_start" in out
 
 
 def test_cli_verify_hash(fixture_path, manifest, capsys):
@@ -155,3 +166,35 @@ def test_restore_matches_read(fixture_path):
         assert got.keys() == expected.keys()
         for name in expected:
             assert np.array_equal(got[name], expected[name]), name
+
+
+def test_committed_set_stays_small():
+    """The repository carries its fixtures: together well under 10 MB."""
+    from conftest import FIXTURES
+
+    files = list(FIXTURES.glob("*.zst"))
+    assert len(files) == len(list(FIXTURES.glob("*.manifest.json"))) >= 8
+    assert sum(f.stat().st_size for f in files) < 10_000_000
+
+
+def test_nothing_reads_outside_the_repository():
+    """A fresh clone has nothing beside it: the fixtures are the repository's own, and no
+    test, bench or CI file names the shared folder the fixtures once came from."""
+    import os
+
+    from conftest import FIXTURES, REPO
+
+    if "MAPPEDRAM_FIXTURES" not in os.environ:
+        assert FIXTURES.resolve().is_relative_to(REPO)
+    pattern = re.compile(r"\.\./shared|parent\s*/\s*.shared")
+    offenders = [
+        str(path.relative_to(REPO))
+        for folder in ("tests", "bench", ".ci")
+        for path in (REPO / folder).rglob("*")
+        if path.is_file()
+        and path.suffix not in (".zst", ".bin", ".pyc")
+        and ".fixtures" not in path.parts
+        and path != Path(__file__)
+        and pattern.search(path.read_text(errors="replace"))
+    ]
+    assert offenders == []

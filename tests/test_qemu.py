@@ -27,6 +27,8 @@ if qemu_binary() is None or shutil.which("as") is None:
         raise RuntimeError("CI needs qemu-system-x86_64 >= 10 and GNU as: run .ci/install-qemu")
     pytest.skip("needs qemu-system-x86_64 >= 10.0 and GNU as (see .ci/install-qemu)", allow_module_level=True)
 
+pytestmark = pytest.mark.qemu
+
 FIRST, LAST = 0x100000, (RAM_MB - 1) << 20
 RAM = "pc.ram"
 
