@@ -65,10 +65,6 @@ def load_manifest(name: str) -> dict:
     return json.loads((FIXTURES / f"{name}.manifest.json").read_text())
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "qemu: drives a real QEMU 10 (skips without it, fails under CI=true)")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if NAMES:
         return
