@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from . import __version__
 from .errors import FormatError
 from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
+from .mapper.channels import MAX_CHANNELS
 from .mapper.convert import convert
 from .mapper.physical import PhysicalView, export_elf
 from .mapper.restore import extract
@@ -44,6 +45,13 @@ examples:
 
 def _int(text: str) -> int:
     return int(text, 0)
+
+
+def _channel_count(text: str) -> int:
+    count = _int(text)
+    if not 1 <= count <= MAX_CHANNELS:
+        raise argparse.ArgumentTypeError(f"between 1 and {MAX_CHANNELS}, not {count}")
+    return count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ext.add_argument("--block", required=True, metavar="NAME", help="the RAM block, e.g. pc.ram")
     ext.add_argument("-o", "--output", required=True, metavar="OUT", help="the raw file to write")
+    ext.add_argument("--force", action="store_true", help="replace OUT if it exists")
     ext.add_argument(
         "--progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)"
     )
@@ -117,7 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("output", metavar="OUT", help="the file to write")
     conv.add_argument("--to", required=True, choices=("mapped-ram", "stream"), help="the layout of OUT")
-    conv.add_argument("--channels", type=int, default=4, help="writer threads for --to mapped-ram (default 4)")
+    conv.add_argument(
+        "--channels",
+        type=_channel_count,
+        default=4,
+        help=f"writer threads for --to mapped-ram, 1 to {MAX_CHANNELS} (default 4)",
+    )
+    conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
     conv.add_argument(
         "--progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)"
     )
@@ -131,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with paging off; absent pages are holes. volatility3 and crash open it.",
     )
     elf.add_argument("-o", "--output", required=True, metavar="OUT", help="the core file to write")
+    elf.add_argument("--force", action="store_true", help="replace OUT if it exists")
     elf.add_argument(
         "--below-4g",
         type=_int,
@@ -251,7 +267,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             )
             return EXIT_UNREADABLE
         bar = ProgressBar(f"extract {args.block}", args.progress)
-        copied = extract(snap, args.block, args.output, progress=bar)
+        copied = extract(snap, args.block, args.output, overwrite=args.force, progress=bar)
         bar.close()
         block = snap.block(args.block)
     print(f"{args.output}: {block.used_length} bytes, {copied} copied from {block.populated} populated pages")
@@ -260,7 +276,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     bar = ProgressBar(f"convert to {args.to}", args.progress)
-    convert(args.file, args.output, args.to, channels=args.channels, progress=bar, **_open_args(args))
+    convert(
+        args.file, args.output, args.to, channels=args.channels, overwrite=args.force, progress=bar, **_open_args(args)
+    )
     bar.close()
     print(f"{args.output}: written as {args.to}")
     return EXIT_OK
@@ -281,7 +299,7 @@ def _cmd_export_elf(args: argparse.Namespace) -> int:
             print(f"mappedram: {err.args[0]}", file=sys.stderr)
             return EXIT_UNREADABLE
         bar = ProgressBar("export-elf", args.progress)
-        copied = export_elf(view, args.output, progress=bar)
+        copied = export_elf(view, args.output, overwrite=args.force, progress=bar)
         bar.close()
     for r in view.regions:
         print(f"PT_LOAD {r.start:#014x}-{r.end:#014x}  {r.block} +{r.offset:#x}")

@@ -2,8 +2,7 @@
 
 The RAM of the source is read block by block; the device sections, the machine type
 and the section ids are carried over byte for byte, so QEMU restores the output as it
-would the input. Both outputs are written under a temporary name and renamed into
-place when complete.
+would the input. Both outputs are made by mapper/output.py's rules.
 """
 
 from __future__ import annotations
@@ -14,8 +13,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ..formats.constants import RamFlag, SectionType, VmCommand
-from .atomic import atomic_output
 from .encoder import StreamEncoder, configuration_vmdesc
+from .output import output_file
 from .snapshot import Snapshot
 from .writer import DeviceState, SnapshotWriter
 
@@ -23,19 +22,34 @@ Progress = Callable[[int, int], None]
 
 
 def to_mapped_ram(
-    src: Snapshot, out_path: str | os.PathLike[str], *, channels: int = 4, progress: Progress | None = None
+    src: Snapshot,
+    out_path: str | os.PathLike[str],
+    *,
+    channels: int = 4,
+    overwrite: bool = True,
+    progress: Progress | None = None,
 ) -> None:
     """Rewrite ``src`` (either kind) as a QEMU 10 mapped-ram file."""
     devices = DeviceState.from_snapshot(src)
     blocks = {b.name: b.read() for b in src}
-    with SnapshotWriter(out_path, blocks, channels=channels, page_size=src.page_size, devices=devices) as writer:
+    with SnapshotWriter(
+        out_path,
+        blocks,
+        channels=channels,
+        page_size=src.page_size,
+        devices=devices,
+        overwrite=overwrite,
+        source_fd=src.fd,
+    ) as writer:
         writer.complete()
     if progress:
         total = sum(len(b) for b in blocks.values())
         progress(total, total)
 
 
-def to_stream(src: Snapshot, out_path: str | os.PathLike[str], *, progress: Progress | None = None) -> None:
+def to_stream(
+    src: Snapshot, out_path: str | os.PathLike[str], *, overwrite: bool = True, progress: Progress | None = None
+) -> None:
     """Rewrite ``src`` (either kind) as a classic stream: one PART section holding a PAGE
     record for every populated, non-zero page (the loader starts from zeroed RAM)."""
     devices = DeviceState.from_snapshot(src)
@@ -43,7 +57,7 @@ def to_stream(src: Snapshot, out_path: str | os.PathLike[str], *, progress: Prog
     sid = devices.ram_section_id
     caps = [c for c in src.capabilities if c != "mapped-ram"]
     machine = src.machine_type or "pc-i440fx-10.0"
-    with atomic_output(out_path, 0o600) as fd, os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as out:
+    with output_file(out_path, overwrite=overwrite, source_fd=src.fd) as fd, os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as out:
         out.write(enc.header() + enc.configuration(machine, caps))
         out.write(enc.ram_start(sid) + enc.ram_word(sum(b.used_length for b in src), RamFlag.MEM_SIZE))
         for block in src:
@@ -85,14 +99,16 @@ def convert(
     to: str,
     *,
     channels: int = 4,
+    overwrite: bool = True,
     progress: Progress | None = None,
     **open_args: Any,
 ) -> None:
-    """``to`` is "mapped-ram" or "stream"."""
+    """``to`` is "mapped-ram" or "stream". The output is made by mapper/output.py's rules
+    (``overwrite``: replace an existing file)."""
     with Snapshot(src_path, **open_args) as src:
         if to == "mapped-ram":
-            to_mapped_ram(src, out_path, channels=channels, progress=progress)
+            to_mapped_ram(src, out_path, channels=channels, overwrite=overwrite, progress=progress)
         elif to == "stream":
-            to_stream(src, out_path, progress=progress)
+            to_stream(src, out_path, overwrite=overwrite, progress=progress)
         else:
             raise ValueError(f"convert to 'mapped-ram' or 'stream', not {to!r}")

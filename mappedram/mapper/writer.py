@@ -16,7 +16,6 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ from ..formats.constants import (
 from ..formats.policy import POLICIES, Event, Mode, Sync
 from .channels import Channels, pwrite_all
 from .encoder import BlockPlace, StreamEncoder, configuration_vmdesc, place_block
+from .output import OutputFile
 
 DEFAULT_MACHINE = "pc-i440fx-10.0"
 DEFAULT_RAM_SECTION_ID = 2
@@ -129,7 +129,10 @@ class SnapshotWriter:
     start (QEMU: 1 MiB; its loader only needs page alignment). ``prefix``: bytes kept
     in front of the stream, e.g. a libvirt header; the offsets in the file stay absolute.
     ``fsync``: flush the file and its directory before and after the rename (off: like
-    QEMU, which leaves flushing to the caller).
+    QEMU, which leaves flushing to the caller). The file is made by mapper/output.py's
+    rules: ``overwrite`` (default: a live save replaces the previous one atomically)
+    allows replacing an existing file; ``source_fd``, the file the memory comes from
+    (convert), may not be the output and bounds its mode (else 0600).
     """
 
     def __init__(
@@ -149,6 +152,8 @@ class SnapshotWriter:
         batch_bytes: int = BATCH_BYTES,
         alignment: int = MAPPED_RAM_ALIGNMENT,
         fsync: bool = True,
+        overwrite: bool = True,
+        source_fd: int | None = None,
     ) -> None:
         if page_size < 512 or page_size & (page_size - 1):
             raise ValueError(f"page size {page_size} is not a power of two >= 512")
@@ -179,14 +184,13 @@ class SnapshotWriter:
         self._counts = [0, 0]  # pages written, pages found zero in this round
         self._counts_lock = threading.Lock()
         self._done = False
-        directory = os.path.dirname(os.path.abspath(self.path))
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".partial", dir=directory)
-        self._fd = fd
         self._channels: Channels[_Batch] | None = None
+        self._out = OutputFile(self.path, overwrite=overwrite, source_fd=source_fd, sync=fsync)
+        self._fd = self._out.fd
         try:
             self._stream_pos = self._write_head(prefix)
             depth = 2 * _SCAN_PAGES * page_size // self.batch_bytes  # two scan chunks in flight
-            self._channels = Channels(self._tmp, channels, os.O_WRONLY, self._channel_write, "save", depth)
+            self._channels = Channels(self._out.temp_path, channels, os.O_WRONLY, self._channel_write, "save", depth)
         except BaseException:
             self.abort()
             raise
@@ -412,15 +416,10 @@ class SnapshotWriter:
             )
             self._append(tail)
             os.ftruncate(self._fd, self._stream_pos)
-            if self.fsync:
-                os.fsync(self._fd)  # everything but the magic is on disk before the magic is
-            pwrite_all(self._fd, memoryview(QEVM_MAGIC), self._magic_at)
-            if self.fsync:
-                os.fdatasync(self._fd)
-            self._close_files()
-            os.replace(self._tmp, self.path)
-            if self.fsync:
-                _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+            self._close_workers()
+            # everything but the magic is on disk before the magic is
+            self._out.commit(last=(self._magic_at, QEVM_MAGIC))
+            self._fd = -1
             self._done = True
         except BaseException:
             self.abort()
@@ -429,21 +428,15 @@ class SnapshotWriter:
 
     def abort(self) -> None:
         """Drop the partial file; the destination is left as it was."""
-        self._close_files()
-        if not self._done:
-            try:
-                os.unlink(self._tmp)
-            except FileNotFoundError:
-                pass
-            self._done = True
+        self._close_workers()
+        self._out.abort()
+        self._fd = -1
+        self._done = True
 
-    def _close_files(self) -> None:
+    def _close_workers(self) -> None:
         self._digest_pool.shutdown(wait=True, cancel_futures=True)
         if self._channels is not None:
             self._channels.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
     def _check_open(self) -> None:
         if self._done or self._fd < 0:
@@ -477,11 +470,3 @@ def _consecutive(pages: np.ndarray, rows: np.ndarray) -> list[tuple[int, int]]:
     breaks = np.flatnonzero((np.diff(pages) != 1) | (np.diff(rows) != 1)) + 1
     edges = [0, *breaks.tolist(), len(pages)]
     return list(zip(edges[:-1], edges[1:]))
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
