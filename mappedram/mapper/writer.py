@@ -35,7 +35,7 @@ from ..formats.constants import (
     VmCommand,
 )
 from ..formats.policy import POLICIES, Event, Mode, Sync
-from .channels import Channels, pwrite_all
+from .channels import Channels, check_count, pwrite_all
 from .encoder import BlockPlace, StreamEncoder, configuration_vmdesc, place_block
 from .output import OutputFile
 
@@ -155,6 +155,7 @@ class SnapshotWriter:
         overwrite: bool = True,
         source_fd: int | None = None,
     ) -> None:
+        check_count(channels)
         if page_size < 512 or page_size & (page_size - 1):
             raise ValueError(f"page size {page_size} is not a power of two >= 512")
         if alignment < page_size or alignment % page_size:
