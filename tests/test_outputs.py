@@ -10,13 +10,15 @@ import stat
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 
 import numpy as np
 import pytest
-from craft import PAGE, pattern_block, write_snapshot
+from craft import PAGE, patch_header, pattern_block, write_snapshot
 
 import mappedram
 from mappedram.cli import main
+from mappedram.mapper.encoder import StreamComposer
 from mappedram.mapper.writer import SnapshotWriter
 
 COMMANDS = {
@@ -309,3 +311,68 @@ def test_errno_of_refusals(src, tmp_path):
         with pytest.raises(OSError) as err:
             mappedram.extract(snap, "pc.ram", src)
         assert err.value.errno == errno.EINVAL
+
+
+# -- convert: inputs it cannot carry over, and huge claims ---------------------------------------
+def test_convert_refuses_mixed_page_sizes(tmp_path, capsys):
+    path = write_snapshot(tmp_path / "in.sav", {"a": pattern_block(16), "b": pattern_block(16, seed=2)})
+    info = patch_header(path, "b", page_size=8192)
+    for to in ("stream", "mapped-ram"):
+        assert main(["convert", str(path), str(tmp_path / "out"), "--to", to]) == 1
+        err = capsys.readouterr().err
+        assert err == (
+            f"mappedram: {path}: offset {info['entry_offset']:#x} ({info['entry_offset']}): "
+            "expected block 'b' to have the stream's page size 4096, found 8192\n"
+        )
+    assert _others(tmp_path, "in.sav") == []
+
+
+def _claiming_stream(path, ram_bytes, page=5):
+    """A classic stream whose one block claims ``ram_bytes`` and stores one page."""
+    comp = StreamComposer(PAGE)
+    head = comp.head()
+    pieces, _, _ = comp.ram_start(len(head), [("pc.ram", ram_bytes)])
+    data = head + b"".join(p for _, p in pieces) + comp.part_start()
+    data += comp.page_record("pc.ram", page, bytes([7]) * PAGE) + comp.section_end() + comp.tail()
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("claim", [3 << 30, 1 << 40])
+def test_convert_of_a_huge_claim_to_stream_streams(tmp_path, claim):
+    src = _claiming_stream(tmp_path / "in.sav", claim)
+    out = tmp_path / "out.sav"
+    tracemalloc.start()
+    try:
+        assert main(["convert", str(src), str(out), "--to", "stream"]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20
+    with mappedram.open(out) as snap:
+        block = snap.block("pc.ram")
+        assert block.used_length == claim and block.populated == 1
+        assert bytes(block.page(5)) == bytes([7]) * PAGE and bytes(block.page(4)) == bytes(PAGE)
+    assert mappedram.verify(out).ok
+
+
+def test_convert_of_a_claim_beyond_memory_to_mapped_ram(tmp_path, capsys):
+    src = _claiming_stream(tmp_path / "in.sav", 1 << 50)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "mapped-ram"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mappedram: {src}: block 'pc.ram' claims {1 << 50} bytes of RAM, more than")
+    assert err.endswith("; not converted\n") and err.count("\n") == 1
+    assert _others(tmp_path, "in.sav") == []
+
+
+def test_convert_of_a_3_gib_claim_to_mapped_ram(tmp_path):
+    """Memory follows the pages stored, not the claim: the lazily zeroed buffer is never touched
+    beyond them, and the output stores the one page."""
+    src = _claiming_stream(tmp_path / "in.sav", 3 << 30)
+    out = tmp_path / "out.sav"
+    assert main(["convert", str(src), str(out), "--to", "mapped-ram"]) == 0
+    with mappedram.open(out) as snap:
+        block = snap.block("pc.ram")
+        assert block.used_length == 3 << 30 and block.populated == 1
+        assert bytes(block.page(5)) == bytes([7]) * PAGE
+    assert os.stat(out).st_blocks * 512 < 64 << 20  # sparse: the bitmap and one page

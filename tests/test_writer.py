@@ -214,3 +214,55 @@ def test_device_state_passthrough(paused_mr, tmp_path):
             assert np.array_equal(snap.block(name).read(), data)
         with mappedram.open(paused_mr) as src:  # QEMU's layout, byte for byte offsets
             assert [(b.bitmap_offset, b.pages_offset) for b in snap] == [(b.bitmap_offset, b.pages_offset) for b in src]
+
+
+# -- what the writer refuses -------------------------------------------------------------------
+def test_mark_dirty_checks_pages(tmp_path):
+    data = pattern_block(16)
+    writer = SnapshotWriter(tmp_path / "vm.sav", {"pc.ram": data}, dirty_tracking="manual")
+    try:
+        writer.save_round()
+        for bad in (-1, 16, [3, -2], [0, 99], slice(-1, None), slice(0, 17), np.ones(15, dtype=bool), 2.5):
+            with pytest.raises(ValueError, match="pc.ram"):
+                writer.mark_dirty("pc.ram", bad)
+        assert writer.save_round().pages_written == 0  # nothing was marked by the refused calls
+        data[15 * PAGE] ^= 1
+        writer.mark_dirty("pc.ram", 15)
+        data[2 * PAGE] ^= 1
+        writer.mark_dirty("pc.ram", slice(2, 4))
+        assert writer.save_round().pages_written == 3
+        writer.complete()
+    finally:
+        writer.abort()
+    with pytest.raises(RuntimeError, match="already complete"):
+        writer.mark_dirty("pc.ram", 0)
+    assert np.array_equal(mappedram.restore(tmp_path / "vm.sav")["pc.ram"], data)
+
+
+@pytest.mark.parametrize(
+    "blocks, kw, message",
+    [
+        ({"pc.ram": bytearray(0)}, {}, "every block is empty"),
+        ({"a": bytearray(0), "b": bytearray(0)}, {}, "every block is empty"),
+        ({"pc.ram": bytearray(PAGE)}, {"page_size": 1 << 31}, "from 512 to 1073741824"),
+        ({"pc.ram": bytearray(PAGE)}, {"page_size": 3000}, "power of two"),
+        ({"pc\0ram": bytearray(PAGE)}, {}, "NUL"),
+        ({"pc.ram": bytearray(PAGE), "pc.ram\0x": bytearray(PAGE)}, {}, "NUL"),
+        ({"x" * 256: bytearray(PAGE)}, {}, "256 bytes long"),
+        ({"é" * 128: bytearray(PAGE)}, {}, "256 bytes long"),
+        ({"": bytearray(PAGE)}, {}, "0 bytes long"),
+    ],
+)
+def test_writer_refuses_what_the_reader_would(tmp_path, blocks, kw, message):
+    with pytest.raises(ValueError, match=message):
+        SnapshotWriter(tmp_path / "vm.sav", blocks, **kw)
+    assert os.listdir(tmp_path) == []
+
+
+def test_empty_block_beside_ram_and_longest_name(tmp_path):
+    name = "n" * 255
+    blocks = {"pc.ram": pattern_block(8), "empty": bytearray(0), name: pattern_block(2, seed=3)}
+    path = write_snapshot(tmp_path / "vm.sav", blocks)
+    assert mappedram.verify(path).ok
+    restored = mappedram.restore(path)
+    assert len(restored["empty"]) == 0 and np.array_equal(restored[name], blocks[name])

@@ -29,18 +29,13 @@ from ..formats.constants import (
     CAP_MAPPED_RAM,
     MAPPED_RAM_ALIGNMENT,
     QEVM_MAGIC,
-    RAM_IDSTR,
-    RamFlag,
-    SectionType,
-    VmCommand,
 )
 from ..formats.policy import POLICIES, Event, Mode, Sync
 from .channels import Channels, check_count, pwrite_all
-from .encoder import BlockPlace, StreamEncoder, configuration_vmdesc, place_block
+from .encoder import BlockPlace, DeviceState, StreamComposer
 from .output import OutputFile
 
-DEFAULT_MACHINE = "pc-i440fx-10.0"
-DEFAULT_RAM_SECTION_ID = 2
+MAX_PAGE_SIZE = 1 << 30  # the largest page size the reader accepts (snapshot.py)
 BATCH_BYTES = 8 << 20  # the most one channel item writes: on Linux 6.x, 1 MiB pwrites cost about
 # twice the kernel time of 8 MiB ones into the page cache (bench/bench_mapper.py)
 _SCAN_PAGES = 8192  # pages digested, zero-checked and queued at a time (32 MiB of 4 KiB pages)
@@ -51,29 +46,6 @@ _SCAN_PAGES = 8192  # pages digested, zero-checked and queued at a time (32 MiB 
 DelayHook = Callable[[str, int, int, int, memoryview], tuple[Any, float]]
 _Batch = tuple["_Block", np.ndarray, Any, float]  # block, page numbers, their bytes (rows), delay
 _GROUP_RUNS = 512  # short runs gathered into one channel item at most
-
-
-@dataclass(frozen=True)
-class DeviceState:
-    """Non-RAM sections taken unchanged from an existing snapshot."""
-
-    sections: bytes  # headers, payloads and footers, in stream order
-    descriptions: list[dict[str, Any]]  # their entries of the VM description
-    ram_section_id: int
-    machine_type: str | None
-    footers: bool
-
-    @classmethod
-    def from_snapshot(cls, snap: Any) -> "DeviceState":
-        """Every section of ``snap`` that is not RAM, a command or EOF."""
-        parts = []
-        for sec in snap.sections:
-            if sec.kind in ("command", "eof") or sec.idstr == RAM_IDSTR:
-                continue
-            parts.append(snap.read_bytes(sec.offset, sec.end - sec.offset))
-        devices = (snap.vmdesc or {}).get("devices", [])
-        ram = next(s for s in snap.sections if s.idstr == RAM_IDSTR)
-        return cls(b"".join(parts), list(devices), ram.section_id, snap.machine_type, snap.section_footers)
 
 
 @dataclass
@@ -156,8 +128,8 @@ class SnapshotWriter:
         source_fd: int | None = None,
     ) -> None:
         check_count(channels)
-        if page_size < 512 or page_size & (page_size - 1):
-            raise ValueError(f"page size {page_size} is not a power of two >= 512")
+        if page_size < 512 or page_size & (page_size - 1) or page_size > MAX_PAGE_SIZE:
+            raise ValueError(f"page size {page_size} is not a power of two from 512 to {MAX_PAGE_SIZE}")
         if alignment < page_size or alignment % page_size:
             raise ValueError(f"alignment {alignment} is not a multiple of the page size {page_size}")
         self.alignment = alignment
@@ -169,14 +141,13 @@ class SnapshotWriter:
         self.policy = POLICIES[Mode.MAPPED_RAM]
         self.layout = bitmap_layout
         self.devices = devices
-        self.machine_type = machine_type or (devices.machine_type if devices else None) or DEFAULT_MACHINE
         self.switchover_start = switchover_start
         self.punch_holes = punch_holes and _PUNCH is not None
         self.batch_bytes = max(page_size, batch_bytes - batch_bytes % page_size)
         self.tracking = dirty_tracking
         self.rounds = 0
-        self._encoder = StreamEncoder(page_size, footers=devices.footers if devices else True)
-        self._ram_id = devices.ram_section_id if devices else DEFAULT_RAM_SECTION_ID
+        self._composer = StreamComposer(page_size, capabilities=[CAP_MAPPED_RAM], machine=machine_type, devices=devices)
+        self.machine_type = self._composer.machine
         self._sync_per_round = True  # private debug switch: the ordering stress test turns it off
         self._delay_hook: DelayHook | None = None  # private test hook, see tests/test_writer.py
         self._digest_key = np.random.default_rng().integers(1, 2**63, page_size // 8, dtype=np.uint64) | 1
@@ -202,11 +173,10 @@ class SnapshotWriter:
             raise ValueError("a snapshot needs at least one RAM block")
         out = {}
         for name, buf in blocks.items():
+            _check_name(name)
             data = np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8)
             if len(data) % self.page_size:
                 raise ValueError(f"block {name!r}: {len(data)} bytes is not a multiple of {self.page_size}")
-            if len(name.encode()) > 255:
-                raise ValueError(f"block name {name!r} is longer than 255 bytes")
             num_pages = len(data) // self.page_size
             out[name] = _Block(
                 name,
@@ -216,38 +186,36 @@ class SnapshotWriter:
                 saved=np.zeros(num_pages, dtype=bool),
                 dirty=np.ones(num_pages, dtype=bool) if self.tracking == "manual" else None,
             )
+        if not any(len(b.data) for b in out.values()):
+            raise ValueError("a snapshot needs RAM: every block is empty")
         return out
 
     def _write_head(self, prefix: bytes) -> int:
         """Prefix, QEVM header, configuration, RAM START with the block list, EOS."""
-        enc = self._encoder
-        caps = [CAP_MAPPED_RAM]
         # The magic goes in last (complete()): until then the file is no QEMU stream, so a
         # save killed half-way can never pass for a valid snapshot.
-        head = bytes(len(QEVM_MAGIC)) + enc.header()[len(QEVM_MAGIC) :] + enc.configuration(self.machine_type, caps)
+        head = bytes(len(QEVM_MAGIC)) + self._composer.head()[len(QEVM_MAGIC) :]
         self._magic_at = len(prefix)
-        total = sum(len(b.data) for b in self._blocks.values())
-        head += enc.ram_start(self._ram_id) + enc.ram_word(total, RamFlag.MEM_SIZE)
         pwrite_all(self._fd, memoryview(prefix + head), 0)
-        pos = len(prefix) + len(head)
-        for blk in self._blocks.values():
-            blk.place = place_block(blk.name, len(blk.data), self.page_size, pos, self.layout, self.alignment)
-            entry = enc.block_entry(blk.name, len(blk.data), blk.place)
-            pwrite_all(self._fd, memoryview(entry), pos)
-            pos = blk.place.resume_offset
-        tail = enc.ram_word(0, RamFlag.EOS) + enc.footer(self._ram_id)
-        pwrite_all(self._fd, memoryview(tail), pos)
-        self._vmdesc_config = configuration_vmdesc(self.machine_type, caps)
-        return pos + len(tail)
+        blocks = [(b.name, len(b.data)) for b in self._blocks.values()]
+        pieces, places, end = self._composer.ram_start(len(prefix) + len(head), blocks, self.layout, self.alignment)
+        for offset, data in pieces:
+            pwrite_all(self._fd, memoryview(data), offset)
+        for blk, place in zip(self._blocks.values(), places):
+            assert place is not None
+            blk.place = place
+        return end
 
     # -- dirty tracking -------------------------------------------------------------
     def mark_dirty(self, block: str, pages: Any) -> None:
         """Tell the writer that ``pages`` (indices, a slice or a bool mask) of ``block`` changed."""
+        self._check_open()
         blk = self._blocks[block]
         if blk.dirty is None:
             raise RuntimeError("mark_dirty() needs dirty_tracking='manual'")
+        index = _page_index(block, pages, len(blk.pages))
         with blk.lock:
-            blk.dirty[pages] = True
+            blk.dirty[index] = True
 
     def _take_manual_dirty(self, blk: _Block) -> np.ndarray:
         """The pages marked since the last round; the marks are reset BEFORE the pages are
@@ -317,8 +285,7 @@ class SnapshotWriter:
             self._channels.sync()  # the debug switch never skips the final round's sync
         if self.fsync and not _final:
             os.fdatasync(self._fd)  # flush while the caller still runs: complete() has less to wait for
-        part = self._encoder.ram_eos_section(SectionType.SECTION_PART, self._ram_id)
-        self._append(part)
+        self._append(self._composer.round_end())
         written, zeroed = self._counts
         stats = RoundStats(self.rounds, written, zeroed, time.perf_counter() - began)
         self.rounds += 1
@@ -402,20 +369,7 @@ class SnapshotWriter:
                 on_copied()
             for blk in self._blocks.values():
                 pwrite_all(self._fd, memoryview(self.layout.pack(blk.saved)), blk.place.bitmap_offset)
-            enc = self._encoder
-            tail = b""
-            if self.switchover_start:
-                tail += enc.command(VmCommand.SWITCHOVER_START)
-            tail += enc.ram_eos_section(SectionType.SECTION_END, self._ram_id)
-            tail += self.devices.sections if self.devices else b""
-            tail += enc.eof(
-                {
-                    "configuration": self._vmdesc_config,
-                    "page_size": self.page_size,
-                    "devices": self.devices.descriptions if self.devices else [],
-                }
-            )
-            self._append(tail)
+            self._append(self._composer.tail(self.switchover_start))
             os.ftruncate(self._fd, self._stream_pos)
             self._close_workers()
             # everything but the magic is on disk before the magic is
@@ -449,6 +403,39 @@ class SnapshotWriter:
     def __exit__(self, *exc: object) -> None:
         if not self._done:
             self.abort()
+
+
+def _check_name(name: str) -> None:
+    """A name QEMU's loader finds: 1 to 255 bytes, no NUL (QEMU's idstr ends at a NUL, so
+    two names equal up to one would be the same block)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a block name is a str, not {type(name).__name__}")
+    raw = name.encode()
+    if b"\0" in raw:
+        raise ValueError(f"block name {name!r} holds a NUL byte")
+    if not 1 <= len(raw) <= 255:
+        raise ValueError(f"block name {name!r} is {len(raw)} bytes long, not 1 to 255")
+
+
+def _page_index(block: str, pages: Any, count: int) -> Any:
+    """``pages`` (a page number, numbers, a slice or a bool mask of ``count``) checked to
+    name pages in [0, count): no negative numbers counting from the end, no clipping."""
+    if isinstance(pages, slice):
+        bounds = [v for v in (pages.start, pages.stop) if v is not None]
+        if any(not 0 <= v <= count for v in bounds) or (pages.step is not None and pages.step < 1):
+            raise ValueError(f"block {block!r}: page slice {pages} is not within 0 to {count}")
+        return pages
+    index = np.asarray(pages)
+    if index.dtype == bool:
+        if index.shape != (count,):
+            raise ValueError(f"block {block!r}: a page mask has {count} entries, not {index.shape}")
+        return index
+    if index.size and not np.issubdtype(index.dtype, np.integer):
+        raise ValueError(f"block {block!r}: page numbers are integers, not {index.dtype}")
+    if index.size and (index.min() < 0 or index.max() >= count):
+        bad = index[(index < 0) | (index >= count)].flat[0]
+        raise ValueError(f"block {block!r} has pages 0 to {count - 1}, not {bad}")
+    return index
 
 
 def _zero_pages(rows: np.ndarray) -> np.ndarray:
