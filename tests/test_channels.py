@@ -115,7 +115,7 @@ def test_channel_error_with_many_channels_ends(tmp_path):
 INTERRUPTED = textwrap.dedent(
     r"""
     import os, sys, threading, time
-    import mappedram.mapper.writer as w
+    import mappedram.mapper.pagesink as w
     from mappedram.cli import main
     real = w.pwrite_all
     def slow(fd, data, offset):  # a slow disk under the channels: the main thread waits at the sync

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import threading
@@ -12,6 +13,7 @@ import pytest
 from craft import PAGE, pattern_block, write_snapshot
 
 import mappedram
+from mappedram.formats.policy import POLICIES, Event, Mode
 from mappedram.mapper.writer import SnapshotWriter
 
 
@@ -69,15 +71,18 @@ def _ordering_run(tmp_path, sync_per_round: bool) -> tuple[bytes, bytes, bytes]:
     data = pattern_block(64)
     path = tmp_path / f"order-{sync_per_round}.sav"
     victim = 5
-    with SnapshotWriter(path, {"pc.ram": data}, channels=2, batch_bytes=PAGE) as writer:
-        writer._sync_per_round = sync_per_round
 
-        def slow_old_copy(block, round_, first, count, view):
-            if round_ == 1 and first <= victim < first + count:
-                return bytes(view), 0.3  # the bytes of round 1, written 0.3 s later
-            return view, 0.0
+    def slow_old_copy(block, round_, first, count, view):
+        if round_ == 1 and first <= victim < first + count:
+            return bytes(view), 0.3  # the bytes of round 1, written 0.3 s later
+        return view, 0.0
 
-        writer._delay_hook = slow_old_copy
+    policy = POLICIES[Mode.MAPPED_RAM]
+    if not sync_per_round:
+        policy = dataclasses.replace(policy, syncs={e: s for e, s in policy.syncs.items() if e is not Event.ROUND_END})
+    with SnapshotWriter(
+        path, {"pc.ram": data}, channels=2, batch_bytes=PAGE, policy=policy, channel_hook=slow_old_copy
+    ) as writer:
         pages = data.reshape(-1, PAGE)
         writer.save_round()  # round 0
         pages[victim, :4] = [1, 1, 1, 1]
@@ -87,6 +92,7 @@ def _ordering_run(tmp_path, sync_per_round: bool) -> tuple[bytes, bytes, bytes]:
         new = bytes(pages[victim])
         writer.save_round()  # round 2: `new`, fast
         writer.complete()
+        assert writer.syncs == (4 if sync_per_round else 1)  # rounds 0-2 and the final one, or the final only
     with mappedram.open(path) as snap:
         return old, new, bytes(snap.block("pc.ram").page(victim))
 
@@ -154,8 +160,8 @@ def test_channel_error_aborts_save(tmp_path):
     """An error inside a channel thread reaches complete() at the sync, and aborts."""
     path = write_snapshot(tmp_path / "vm.sav", {"pc.ram": pattern_block(16)})
     before = path.read_bytes()
-    writer = SnapshotWriter(path, {"pc.ram": pattern_block(16, seed=3)}, channels=2)
-    writer._delay_hook = lambda *args: (object(), 0.0)  # not a buffer: the channel's write fails
+    not_a_buffer = lambda *args: (object(), 0.0)  # noqa: E731  # the channel's write fails
+    writer = SnapshotWriter(path, {"pc.ram": pattern_block(16, seed=3)}, channels=2, channel_hook=not_a_buffer)
     with pytest.raises(TypeError):
         writer.complete()
     assert path.read_bytes() == before
