@@ -376,3 +376,14 @@ def test_convert_of_a_3_gib_claim_to_mapped_ram(tmp_path):
         assert block.used_length == 3 << 30 and block.populated == 1
         assert bytes(block.page(5)) == bytes([7]) * PAGE
     assert os.stat(out).st_blocks * 512 < 64 << 20  # sparse: the bitmap and one page
+
+
+def test_convert_to_mapped_ram_reports_progress_while_reading(tmp_path):
+    blocks = {"a": pattern_block(100, zero=(5, 6)), "b": pattern_block(50, seed=2)}
+    src = write_snapshot(tmp_path / "in.sav", blocks)
+    seen = []
+    mappedram.convert(src, tmp_path / "out.sav", "mapped-ram", progress=lambda done, total: seen.append((done, total)))
+    total = (98 + 50) * PAGE  # the populated pages: the zero pages were not stored
+    assert {t for _, t in seen} == {total}
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == total
+    assert len(seen) > 2  # not only 0% and 100%: once per extent read

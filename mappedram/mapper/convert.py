@@ -52,8 +52,12 @@ def to_mapped_ram(
         blocks = {b.name: new_buffer(b.name, b.used_length) for b in src}
     except MemoryError as err:  # a claim beyond this machine: one line, not a traceback
         raise OSError(errno.ENOMEM, f"{err}; not converted", src.path) from None
+    total = sum(b.populated for b in src) * src.page_size
+    before = 0  # bytes of the blocks read so far
     for block in src:
-        block.read_into(blocks[block.name], zero_fill=False)
+        step = (lambda done, _, base=before: progress(base + done, total)) if progress else None
+        block.read_into(blocks[block.name], zero_fill=False, progress=step)
+        before += block.populated * block.page_size
     with SnapshotWriter(
         out_path,
         blocks,
@@ -65,7 +69,6 @@ def to_mapped_ram(
     ) as writer:
         writer.complete()
     if progress:
-        total = sum(len(b) for b in blocks.values())
         progress(total, total)
 
 
