@@ -85,6 +85,7 @@ def test_out_of_descriptors_fails_cleanly(tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert err.value.errno == 24  # EMFILE, not "cannot join thread before it is started"
+    assert err.value.filename == str(tmp_path / "vm.sav")  # the file asked for, not the temporary one
     assert _open_fds() == before
     assert os.listdir(tmp_path) == []
 

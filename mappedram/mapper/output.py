@@ -131,7 +131,7 @@ class OutputFile:
                 _fsync_dir(os.path.dirname(self.target))
         except BaseException as err:
             self.abort()
-            _reraise_naming(err, self.path)
+            reraise_naming(err, self.path)
             raise
 
     def _rename(self) -> None:
@@ -162,7 +162,7 @@ class OutputFile:
                 pass
 
 
-def _reraise_naming(err: BaseException, path: str) -> None:
+def reraise_naming(err: BaseException, path: str) -> None:
     """Raise ``err`` again naming the output if it is about the output (a full disk, the
     temporary file); else return, for the caller to re-raise it unchanged."""
     if not isinstance(err, OSError):
@@ -183,7 +183,7 @@ def output_file(
         yield out.fd
     except BaseException as err:
         out.abort()
-        _reraise_naming(err, out.path)
+        reraise_naming(err, out.path)
         raise
     out.commit()
 

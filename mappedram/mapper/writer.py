@@ -29,7 +29,7 @@ from ..formats.constants import CAP_MAPPED_RAM, MAPPED_RAM_ALIGNMENT, QEVM_MAGIC
 from ..formats.policy import POLICIES, Event, Mode, ModePolicy, Sync
 from .channels import check_count, pwrite_all
 from .encoder import BlockPlace, DeviceState, StreamComposer
-from .output import OutputFile
+from .output import OutputFile, reraise_naming
 from .pagesink import ChannelHook, PageSink, Slots
 from .tracking import DigestTracking, ManualTracking, Tracker
 
@@ -135,8 +135,9 @@ class SnapshotWriter:
                 punch_holes=punch_holes,
                 channel_hook=channel_hook,
             )
-        except BaseException:
+        except BaseException as err:
             self.abort()
+            reraise_naming(err, self.path)
             raise
 
     # -- setup --------------------------------------------------------------------
@@ -240,8 +241,9 @@ class SnapshotWriter:
             self._out.commit(last=(self._magic_at, QEVM_MAGIC))
             self._fd = -1
             self._done = True
-        except BaseException:
+        except BaseException as err:
             self.abort()
+            reraise_naming(err, self.path)
             raise
         return stats
 
