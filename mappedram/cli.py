@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from . import __version__
 from .errors import FormatError
 from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
-from .mapper.channels import MAX_CHANNELS
+from .mapper.channels import MAX_CHANNELS, check_count
 from .mapper.convert import convert
 from .mapper.physical import PhysicalView, export_elf
 from .mapper.restore import extract
@@ -45,13 +45,6 @@ examples:
 
 def _int(text: str) -> int:
     return int(text, 0)
-
-
-def _channel_count(text: str) -> int:
-    count = _int(text)
-    if not 1 <= count <= MAX_CHANNELS:
-        raise argparse.ArgumentTypeError(f"between 1 and {MAX_CHANNELS}, not {count}")
-    return count
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--to", required=True, choices=("mapped-ram", "stream"), help="the layout of OUT")
     conv.add_argument(
         "--channels",
-        type=_channel_count,
+        type=_int,
         default=4,
         help=f"writer threads for --to mapped-ram, 1 to {MAX_CHANNELS} (default 4)",
     )
@@ -275,6 +268,11 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        check_count(args.channels)
+    except ValueError as err:
+        print(f"mappedram: --{err}", file=sys.stderr)
+        return EXIT_UNREADABLE
     bar = ProgressBar(f"convert to {args.to}", args.progress)
     convert(
         args.file, args.output, args.to, channels=args.channels, overwrite=args.force, progress=bar, **_open_args(args)
