@@ -21,8 +21,8 @@ import time
 import numpy as np
 
 from mappedram.formats.bitmap import LITTLE_ENDIAN_64
-from mappedram.formats.constants import CAP_MAPPED_RAM, RamFlag, SectionType, VmCommand
-from mappedram.mapper.encoder import StreamEncoder, configuration_vmdesc, place_block
+from mappedram.formats.constants import CAP_MAPPED_RAM
+from mappedram.mapper.encoder import StreamComposer
 
 PAGE = 4096
 EVERY = 97
@@ -30,13 +30,16 @@ EVERY = 97
 
 def build_sparse_snapshot(path: str, ram_bytes: int) -> int:
     """A one-block mapped-ram file for a guest of ``ram_bytes``; returns pages set."""
-    enc = StreamEncoder(PAGE)
-    head = enc.header() + enc.configuration("pc-q35-10.0", [CAP_MAPPED_RAM])
-    head += enc.ram_start(2) + enc.ram_word(ram_bytes, RamFlag.MEM_SIZE)
-    place = place_block("pc.ram", ram_bytes, PAGE, len(head), LITTLE_ENDIAN_64)
+    comp = StreamComposer(PAGE, capabilities=[CAP_MAPPED_RAM], machine="pc-q35-10.0")
+    head = comp.head()
+    pieces, (place,), end = comp.ram_start(len(head), [("pc.ram", ram_bytes)], LITTLE_ENDIAN_64)
+    assert place is not None
     num_pages = ram_bytes // PAGE
     with open(path, "wb") as f:
-        f.write(head + enc.block_entry("pc.ram", ram_bytes, place))
+        f.write(head)
+        for offset, data in pieces:
+            f.seek(offset)
+            f.write(data)
         set_pages = 0
         chunk_pages = 1 << 23  # 1 MiB of bitmap at a time: keeps this process small, since
         # a child started by fork inherits its RSS into ru_maxrss
@@ -46,14 +49,8 @@ def build_sparse_snapshot(path: str, ram_bytes: int) -> int:
             set_pages += int(present.sum())
             f.seek(place.bitmap_offset + first // 8)
             f.write(np.packbits(present, bitorder="little").tobytes())
-        f.seek(place.resume_offset)
-        tail = enc.ram_word(0, RamFlag.EOS) + enc.footer(2)
-        tail += enc.command(VmCommand.SWITCHOVER_START)
-        tail += enc.ram_eos_section(SectionType.SECTION_END, 2)
-        tail += enc.eof(
-            {"configuration": configuration_vmdesc("pc-q35-10.0", [CAP_MAPPED_RAM]), "page_size": PAGE, "devices": []}
-        )
-        f.write(tail)
+        f.seek(end)
+        f.write(comp.tail())
     return set_pages
 
 

@@ -16,6 +16,7 @@ from . import __version__
 from .errors import FormatError
 from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
 from .mapper.blocks import not_in_file
+from .mapper.channels import MAX_CHANNELS, check_count
 from .mapper.convert import convert
 from .mapper.physical import PhysicalView, export_elf
 from .mapper.restore import extract
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ext.add_argument("--block", required=True, metavar="NAME", help="the RAM block, e.g. pc.ram")
     ext.add_argument("-o", "--output", required=True, metavar="OUT", help="the raw file to write")
+    ext.add_argument("--force", action="store_true", help="replace OUT if it exists")
     ext.add_argument(
         "--progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)"
     )
@@ -118,7 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument("output", metavar="OUT", help="the file to write")
     conv.add_argument("--to", required=True, choices=("mapped-ram", "stream"), help="the layout of OUT")
-    conv.add_argument("--channels", type=int, default=4, help="writer threads for --to mapped-ram (default 4)")
+    conv.add_argument(
+        "--channels",
+        type=_int,
+        default=4,
+        help=f"writer threads for --to mapped-ram, 1 to {MAX_CHANNELS} (default 4)",
+    )
+    conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
     conv.add_argument(
         "--progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)"
     )
@@ -132,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with paging off; absent pages are holes. volatility3 and crash open it.",
     )
     elf.add_argument("-o", "--output", required=True, metavar="OUT", help="the core file to write")
+    elf.add_argument("--force", action="store_true", help="replace OUT if it exists")
     elf.add_argument(
         "--below-4g",
         type=_int,
@@ -257,7 +266,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
             print(f"mappedram: {args.file}: {not_in_file(snap.block(args.block))}", file=sys.stderr)
             return EXIT_UNREADABLE
         bar = ProgressBar(f"extract {args.block}", args.progress)
-        copied = extract(snap, args.block, args.output, progress=bar)
+        copied = extract(snap, args.block, args.output, overwrite=args.force, progress=bar)
         bar.close()
         block = snap.block(args.block)
     print(f"{args.output}: {block.used_length} bytes, {copied} copied from {block.populated} populated pages")
@@ -265,8 +274,15 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        check_count(args.channels)
+    except ValueError as err:
+        print(f"mappedram: --{err}", file=sys.stderr)
+        return EXIT_UNREADABLE
     bar = ProgressBar(f"convert to {args.to}", args.progress)
-    convert(args.file, args.output, args.to, channels=args.channels, progress=bar, **_open_args(args))
+    convert(
+        args.file, args.output, args.to, channels=args.channels, overwrite=args.force, progress=bar, **_open_args(args)
+    )
     bar.close()
     print(f"{args.output}: written as {args.to}")
     return EXIT_OK
@@ -287,7 +303,7 @@ def _cmd_export_elf(args: argparse.Namespace) -> int:
             print(f"mappedram: {err.args[0]}", file=sys.stderr)
             return EXIT_UNREADABLE
         bar = ProgressBar("export-elf", args.progress)
-        copied = export_elf(view, args.output, progress=bar)
+        copied = export_elf(view, args.output, overwrite=args.force, progress=bar)
         bar.close()
     for r in view.regions:
         print(f"PT_LOAD {r.start:#014x}-{r.end:#014x}  {r.block} +{r.offset:#x}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import threading
@@ -12,6 +13,7 @@ import pytest
 from craft import PAGE, pattern_block, write_snapshot
 
 import mappedram
+from mappedram.formats.policy import POLICIES, Event, Mode
 from mappedram.mapper.writer import SnapshotWriter
 
 
@@ -69,15 +71,18 @@ def _ordering_run(tmp_path, sync_per_round: bool) -> tuple[bytes, bytes, bytes]:
     data = pattern_block(64)
     path = tmp_path / f"order-{sync_per_round}.sav"
     victim = 5
-    with SnapshotWriter(path, {"pc.ram": data}, channels=2, batch_bytes=PAGE) as writer:
-        writer._sync_per_round = sync_per_round
 
-        def slow_old_copy(block, round_, first, count, view):
-            if round_ == 1 and first <= victim < first + count:
-                return bytes(view), 0.3  # the bytes of round 1, written 0.3 s later
-            return view, 0.0
+    def slow_old_copy(block, round_, first, count, view):
+        if round_ == 1 and first <= victim < first + count:
+            return bytes(view), 0.3  # the bytes of round 1, written 0.3 s later
+        return view, 0.0
 
-        writer._delay_hook = slow_old_copy
+    policy = POLICIES[Mode.MAPPED_RAM]
+    if not sync_per_round:
+        policy = dataclasses.replace(policy, syncs={e: s for e, s in policy.syncs.items() if e is not Event.ROUND_END})
+    with SnapshotWriter(
+        path, {"pc.ram": data}, channels=2, batch_bytes=PAGE, policy=policy, channel_hook=slow_old_copy
+    ) as writer:
         pages = data.reshape(-1, PAGE)
         writer.save_round()  # round 0
         pages[victim, :4] = [1, 1, 1, 1]
@@ -87,6 +92,7 @@ def _ordering_run(tmp_path, sync_per_round: bool) -> tuple[bytes, bytes, bytes]:
         new = bytes(pages[victim])
         writer.save_round()  # round 2: `new`, fast
         writer.complete()
+        assert writer.syncs == (4 if sync_per_round else 1)  # rounds 0-2 and the final one, or the final only
     with mappedram.open(path) as snap:
         return old, new, bytes(snap.block("pc.ram").page(victim))
 
@@ -154,8 +160,8 @@ def test_channel_error_aborts_save(tmp_path):
     """An error inside a channel thread reaches complete() at the sync, and aborts."""
     path = write_snapshot(tmp_path / "vm.sav", {"pc.ram": pattern_block(16)})
     before = path.read_bytes()
-    writer = SnapshotWriter(path, {"pc.ram": pattern_block(16, seed=3)}, channels=2)
-    writer._delay_hook = lambda *args: (object(), 0.0)  # not a buffer: the channel's write fails
+    not_a_buffer = lambda *args: (object(), 0.0)  # noqa: E731  # the channel's write fails
+    writer = SnapshotWriter(path, {"pc.ram": pattern_block(16, seed=3)}, channels=2, channel_hook=not_a_buffer)
     with pytest.raises(TypeError):
         writer.complete()
     assert path.read_bytes() == before
@@ -214,3 +220,55 @@ def test_device_state_passthrough(paused_mr, tmp_path):
             assert np.array_equal(snap.block(name).read(), data)
         with mappedram.open(paused_mr) as src:  # QEMU's layout, byte for byte offsets
             assert [(b.bitmap_offset, b.pages_offset) for b in snap] == [(b.bitmap_offset, b.pages_offset) for b in src]
+
+
+# -- what the writer refuses -------------------------------------------------------------------
+def test_mark_dirty_checks_pages(tmp_path):
+    data = pattern_block(16)
+    writer = SnapshotWriter(tmp_path / "vm.sav", {"pc.ram": data}, dirty_tracking="manual")
+    try:
+        writer.save_round()
+        for bad in (-1, 16, [3, -2], [0, 99], slice(-1, None), slice(0, 17), np.ones(15, dtype=bool), 2.5):
+            with pytest.raises(ValueError, match="pc.ram"):
+                writer.mark_dirty("pc.ram", bad)
+        assert writer.save_round().pages_written == 0  # nothing was marked by the refused calls
+        data[15 * PAGE] ^= 1
+        writer.mark_dirty("pc.ram", 15)
+        data[2 * PAGE] ^= 1
+        writer.mark_dirty("pc.ram", slice(2, 4))
+        assert writer.save_round().pages_written == 3
+        writer.complete()
+    finally:
+        writer.abort()
+    with pytest.raises(RuntimeError, match="already complete"):
+        writer.mark_dirty("pc.ram", 0)
+    assert np.array_equal(mappedram.restore(tmp_path / "vm.sav")["pc.ram"], data)
+
+
+@pytest.mark.parametrize(
+    "blocks, kw, message",
+    [
+        ({"pc.ram": bytearray(0)}, {}, "every block is empty"),
+        ({"a": bytearray(0), "b": bytearray(0)}, {}, "every block is empty"),
+        ({"pc.ram": bytearray(PAGE)}, {"page_size": 1 << 31}, "from 512 to 1073741824"),
+        ({"pc.ram": bytearray(PAGE)}, {"page_size": 3000}, "power of two"),
+        ({"pc\0ram": bytearray(PAGE)}, {}, "NUL"),
+        ({"pc.ram": bytearray(PAGE), "pc.ram\0x": bytearray(PAGE)}, {}, "NUL"),
+        ({"x" * 256: bytearray(PAGE)}, {}, "256 bytes long"),
+        ({"é" * 128: bytearray(PAGE)}, {}, "256 bytes long"),
+        ({"": bytearray(PAGE)}, {}, "0 bytes long"),
+    ],
+)
+def test_writer_refuses_what_the_reader_would(tmp_path, blocks, kw, message):
+    with pytest.raises(ValueError, match=message):
+        SnapshotWriter(tmp_path / "vm.sav", blocks, **kw)
+    assert os.listdir(tmp_path) == []
+
+
+def test_empty_block_beside_ram_and_longest_name(tmp_path):
+    name = "n" * 255
+    blocks = {"pc.ram": pattern_block(8), "empty": bytearray(0), name: pattern_block(2, seed=3)}
+    path = write_snapshot(tmp_path / "vm.sav", blocks)
+    assert mappedram.verify(path).ok
+    restored = mappedram.restore(path)
+    assert len(restored["empty"]) == 0 and np.array_equal(restored[name], blocks[name])

@@ -16,6 +16,14 @@ from typing import Callable, Generic, TypeVar
 
 Item = TypeVar("Item")
 _STOP = object()
+MAX_CHANNELS = 255  # QEMU's multifd-channels range is 1..255
+
+
+def check_count(count: int) -> int:
+    """``count`` if it is a channel count QEMU would accept (1..MAX_CHANNELS), else ValueError."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_CHANNELS:
+        raise ValueError(f"channels: a number from 1 to {MAX_CHANNELS}, not {count!r}")
+    return count
 
 
 class Channels(Generic[Item]):
@@ -30,23 +38,24 @@ class Channels(Generic[Item]):
         name: str = "channel",
         depth: int | None = None,
     ) -> None:
-        if count < 1:
-            raise ValueError("at least one channel is needed")
+        check_count(count)
         self.syncs = 0
         self._work = work
         # depth: items that may wait; enough that the producer can prepare the next batch
         # of work while the channels drain this one, so neither side idles.
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth or 4 * count)
         self._error: BaseException | None = None
+        self._closing = False
+        self._stops = 0
         self._fds: list[int] = []
-        self._threads: list[threading.Thread] = []
+        self._threads: list[threading.Thread] = []  # started ones only
         try:
             for i in range(count):
-                fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+                fd = os.open(path, flags | os.O_CLOEXEC)
                 self._fds.append(fd)
                 thread = threading.Thread(target=self._run, args=(fd,), name=f"{name}-{i}", daemon=True)
-                self._threads.append(thread)
                 thread.start()
+                self._threads.append(thread)
         except BaseException:
             self.close()
             raise
@@ -57,7 +66,7 @@ class Channels(Generic[Item]):
             try:
                 if item is _STOP:
                     return
-                if self._error is None:  # after a failure, drain without working
+                if self._error is None and not self._closing:  # after a failure, drain without working
                     self._work(fd, item)  # type: ignore[arg-type]
             except BaseException as err:  # handed to the thread that syncs
                 self._error = self._error or err
@@ -82,15 +91,19 @@ class Channels(Generic[Item]):
         raise err
 
     def close(self) -> None:
-        for thread in self._threads:
-            if thread.is_alive():
-                self._queue.put(_STOP)
+        """Stop every thread (work still queued is dropped) and close every descriptor."""
+        self._closing = True
+        # One stop item per started thread: each takes exactly one and returns. Counted,
+        # so that a close() interrupted (Ctrl-C) and called again sends no extra ones.
+        while self._stops < len(self._threads):
+            self._queue.put(_STOP)
+            self._stops += 1
         for thread in self._threads:
             thread.join()
-        self._threads.clear()
-        for fd in self._fds:
+        # only now: a descriptor closed under a running thread could be reused by another file
+        fds, self._fds = self._fds, []
+        for fd in fds:
             os.close(fd)
-        self._fds.clear()
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:

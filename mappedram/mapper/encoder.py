@@ -1,14 +1,16 @@
-"""Bytes of the main stream, built with the schemas, and the mapped-ram layout rule.
+"""Bytes of the main stream, built with the schemas; the order of a stream's parts
+(StreamComposer); and the mapped-ram layout rule.
 
-The writer decides what to write and when; this module only says how each element
-looks and where QEMU 10 puts a block's bitmap and pages (mapped_ram_setup_ramblock).
+The writer and convert decide what to write and when; this module says how each element
+looks, in which order the parts of a stream come, and where QEMU 10 puts a block's
+bitmap and pages (mapped_ram_setup_ramblock).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from ..formats import structs as S
 from ..formats.bitmap import BitmapLayout
@@ -24,6 +26,12 @@ from ..formats.constants import (
     SectionType,
     VmCommand,
 )
+
+Piece = tuple[int, bytes]  # (file offset, bytes to write there)
+
+
+DEFAULT_MACHINE = "pc-i440fx-10.0"  # the machine type of a stream whose source names none
+DEFAULT_RAM_SECTION_ID = 2
 
 
 def round_up(value: int, align: int) -> int:
@@ -184,3 +192,114 @@ def configuration_vmdesc(machine: str, capabilities: list[str]) -> dict[str, Any
             }
         ]
     return desc
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """Non-RAM sections taken unchanged from an existing snapshot."""
+
+    sections: bytes  # headers, payloads and footers, in stream order
+    descriptions: list[dict[str, Any]]  # their entries of the VM description
+    ram_section_id: int
+    machine_type: str | None
+    footers: bool
+
+    @classmethod
+    def from_snapshot(cls, snap: Any) -> "DeviceState":
+        """Every section of ``snap`` that is not RAM, a command or EOF."""
+        parts = []
+        for sec in snap.sections:
+            if sec.kind in ("command", "eof") or sec.idstr == RAM_IDSTR:
+                continue
+            parts.append(snap.read_bytes(sec.offset, sec.end - sec.offset))
+        devices = (snap.vmdesc or {}).get("devices", [])
+        ram = next(s for s in snap.sections if s.idstr == RAM_IDSTR)
+        return cls(b"".join(parts), list(devices), ram.section_id, snap.machine_type, snap.section_footers)
+
+
+class StreamComposer:
+    """The parts of a QEVM v3 stream in QEMU's order, for the writer, convert, the benches
+    and the tests:
+
+    - ``head()``: QEVM header, configuration (machine type, capabilities);
+    - ``ram_start()``: the RAM START section: MEM_SIZE, the block list (mapped-ram: each
+      entry followed by its header, then bitmap and pages at their places), EOS;
+    - RAM PART sections: ``round_end()`` (mapped-ram: EOS only), or ``part_start()``,
+      ``page_record()``s and ``section_end()`` (classic);
+    - ``tail()``: [SWITCHOVER_START], the RAM END section, the device sections, EOF and the
+      JSON description.
+
+    ``devices`` carries over another snapshot's device sections, machine type, RAM section
+    id and footer use; without it the stream has no devices and ``machine`` or
+    DEFAULT_MACHINE.
+    """
+
+    def __init__(
+        self,
+        page_size: int,
+        *,
+        capabilities: Sequence[str] = (),
+        machine: str | None = None,
+        devices: DeviceState | None = None,
+    ) -> None:
+        self.page_size = page_size
+        self.capabilities = list(capabilities)
+        self.devices = devices
+        self.machine = machine or (devices.machine_type if devices else None) or DEFAULT_MACHINE
+        self.ram_id = devices.ram_section_id if devices else DEFAULT_RAM_SECTION_ID
+        self.encoder = StreamEncoder(page_size, footers=devices.footers if devices else True)
+
+    def head(self) -> bytes:
+        return self.encoder.header() + self.encoder.configuration(self.machine, self.capabilities)
+
+    def ram_start(
+        self,
+        offset: int,
+        blocks: Sequence[tuple[str, int]],
+        layout: BitmapLayout | None = None,
+        alignment: int = MAPPED_RAM_ALIGNMENT,
+    ) -> tuple[list[Piece], list[BlockPlace | None], int]:
+        """The RAM START section from ``offset`` for ``blocks`` (name, used_length): the
+        pieces to write, each block's place (mapped-ram, given the bitmap ``layout``; else
+        None) and the offset after the section."""
+        enc = self.encoder
+        start = enc.ram_start(self.ram_id) + enc.ram_word(sum(n for _, n in blocks), RamFlag.MEM_SIZE)
+        pieces = [(offset, start)]
+        places: list[BlockPlace | None] = []
+        pos = offset + len(start)
+        for name, used_length in blocks:
+            place = None if layout is None else place_block(name, used_length, self.page_size, pos, layout, alignment)
+            entry = enc.block_entry(name, used_length, place)
+            pieces.append((pos, entry))
+            places.append(place)
+            pos = place.resume_offset if place is not None else pos + len(entry)
+        end = self.section_end()
+        pieces.append((pos, end))
+        return pieces, places, pos + len(end)
+
+    def round_end(self) -> bytes:
+        """A mapped-ram PART section: EOS only (the pages are at their places)."""
+        return self.encoder.ram_eos_section(SectionType.SECTION_PART, self.ram_id)
+
+    def part_start(self) -> bytes:
+        return self.encoder.section_part(SectionType.SECTION_PART, self.ram_id)
+
+    def page_record(self, name: str | None, page: int, data: bytes | memoryview | None) -> bytes:
+        return self.encoder.page_record(name, page, data)
+
+    def section_end(self) -> bytes:
+        """EOS and the footer: the end of a RAM section's payload."""
+        return self.encoder.ram_word(0, RamFlag.EOS) + self.encoder.footer(self.ram_id)
+
+    def tail(self, switchover_start: bool = True) -> bytes:
+        enc = self.encoder
+        out = enc.command(VmCommand.SWITCHOVER_START) if switchover_start else b""
+        out += enc.ram_eos_section(SectionType.SECTION_END, self.ram_id)
+        out += self.devices.sections if self.devices else b""
+        return out + enc.eof(
+            {
+                "configuration": configuration_vmdesc(self.machine, self.capabilities),
+                "page_size": self.page_size,
+                "devices": self.devices.descriptions if self.devices else [],
+            }
+        )

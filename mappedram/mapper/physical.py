@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ..errors import FormatError
-from .atomic import atomic_output
 from .blocks import RamBlock
+from .output import output_file
 from .restore import _copy_range
 
 VGA_WINDOW = (0xA0000, 0xC0000)
@@ -117,10 +117,14 @@ PT_LOAD, ET_CORE, EM_X86_64, PF_RWX = 1, 4, 62, 7
 
 
 def export_elf(
-    view: PhysicalView, out_path: str | os.PathLike[str], *, progress: Callable[[int, int], None] | None = None
+    view: PhysicalView,
+    out_path: str | os.PathLike[str],
+    *,
+    overwrite: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Write the view as an ELF64 core; segments are sparse where pages are absent.
-    Returns the bytes of page data copied. Written under a temporary name."""
+    Returns the bytes of page data copied. The file is made by mapper/output.py's rules."""
     regions = view.regions
     if not regions:
         raise FormatError(0, "RAM blocks to export", "none")
@@ -136,7 +140,7 @@ def export_elf(
     for region, off in zip(regions, offsets):
         header += _PHDR.pack(PT_LOAD, PF_RWX, off, 0, region.start, region.size, region.size, 0)
     copied = 0
-    with atomic_output(out_path) as fd:
+    with output_file(out_path, overwrite=overwrite, source_fd=view.snapshot.fd) as fd:
         os.ftruncate(fd, pos)
         os.pwrite(fd, header, 0)
         total = sum(r.size for r in regions)

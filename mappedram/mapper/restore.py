@@ -17,9 +17,9 @@ import numpy as np
 from ..errors import FormatError
 from ..formats.constants import MAPPED_RAM_LOAD_BUF_SIZE
 from ..formats.policy import Event, Sync
-from .atomic import atomic_output
 from .blocks import Progress, RamBlock, new_buffer, not_in_file, read_exact
 from .channels import Channels, pwrite_all
+from .output import output_file
 
 # One channel item: up to ITEM_PIECES reads and about ITEM_BYTES, so sparse runs do not
 # cost a queue hand-off each: (destination views, file offsets, block name).
@@ -140,17 +140,22 @@ def restore(
 
 
 def extract(
-    snapshot: Any, name: str, out_path: str | os.PathLike[str], *, progress: Callable[[int, int], None] | None = None
+    snapshot: Any,
+    name: str,
+    out_path: str | os.PathLike[str],
+    *,
+    overwrite: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Write one block as a sparse raw file (holes for clear pages); returns bytes copied.
 
-    The file is written under a temporary name and renamed into place when complete.
+    The file is made by mapper/output.py's rules (``overwrite``: replace an existing file).
     """
     block = snapshot.block(name)
     if not block.in_file:
         raise ValueError(not_in_file(block))
     done = 0
-    with atomic_output(out_path) as fd:
+    with output_file(out_path, overwrite=overwrite, source_fd=snapshot.fd) as fd:
         os.ftruncate(fd, block.used_length)
         total = block.populated * block.page_size
         for ext in block.extents():
