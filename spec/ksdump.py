@@ -5,7 +5,8 @@
 
 Fields and instances are printed as the Web IDE shows them; byte strings longer than
 32 bytes are abbreviated, and the `pages` instances (whole page regions) are shown by
-size only. ``--offset N`` parses a ``file:PATH,offset=N`` save from N.
+size only. The spec finds the stream itself (behind a libvirt header, or the first QEVM
+v3 magic in the first MiB); ``--offset N`` parses a bare stream at N, e.g. further on.
 """
 
 from __future__ import annotations
