@@ -72,6 +72,7 @@ instances:
     type: qevm_search
     if: not has_libvirt_header and not starts_with_qevm
     doc: The first MiB, searched for the QEVM v3 magic (a `file:PATH,offset=N` save).
+    doc-ref: https://gitlab.com/qemu-project/qemu/-/blob/master/docs/devel/migration/main.rst
   stream_start:
     value: >-
       has_libvirt_header ? 92 + libvirt_header.data_len :
@@ -229,6 +230,7 @@ types:
 
   configuration_section:
     doc: QEMU_VM_CONFIGURATION and the configuration that follows it.
+    doc-ref: https://gitlab.com/qemu-project/qemu/-/blob/master/migration/savevm.c
     seq:
       - id: element_type
         contents: [0x07]
@@ -240,6 +242,7 @@ types:
 
   stream_rest:
     doc: The end of the RAM START payload, then the elements after it.
+    doc-ref: https://gitlab.com/qemu-project/qemu/-/blob/master/migration/ram.c
     params:
       - id: ram_section_id
         type: u4
@@ -431,6 +434,7 @@ types:
 
   target_page_bits:
     doc: Sent when the target's page bits exceed its minimum (targets whose page size varies).
+    doc-ref: https://gitlab.com/qemu-project/qemu/-/blob/master/migration/savevm.c
     seq:
       - id: bits
         type: u4
@@ -439,6 +443,7 @@ types:
 
   capabilities:
     doc: The migration capabilities the loader must validate (mapped-ram, x-ignore-shared).
+    doc-ref: https://gitlab.com/qemu-project/qemu/-/blob/master/migration/savevm.c
     seq:
       - id: num_capabilities
         type: u4
@@ -460,6 +465,7 @@ types:
 
   capability:
     doc: One capability name (put_capability).
+    doc-ref: https://gitlab.com/qemu-project/qemu/-/blob/master/migration/savevm.c
     params:
       - id: index
         type: s4
@@ -483,6 +489,7 @@ types:
 
   vm_uuid:
     doc: The VM's UUID, when validate-uuid is on.
+    doc-ref: https://gitlab.com/qemu-project/qemu/-/blob/master/migration/savevm.c
     seq:
       - id: uuid
         size: 16

@@ -5,6 +5,7 @@ the configuration, classic-stream pages of 8 KiB), in both the Python and the JS
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 import shutil
@@ -266,3 +267,17 @@ def test_classic_pages_of_the_streams_size(parse, tmp_path, machine, page_size, 
     assert len(pages) == 2 + 5 + 2 and all(len(r.page) == page_size for r in pages)
     assert pages[-1].page == blocks["rom"][page_size:].tobytes() and pages[-1].addr == page_size
     assert_tree_agrees(root, stream, path)
+
+
+def test_jsdump_html_page(jsbuild, fixture_path, manifest):
+    node, build = jsbuild
+    cmd = [node, str(SPEC / "jsdump.js"), str(fixture_path), "--build", str(build), "--html"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    page = run.stdout
+    for i, block in enumerate(manifest["blocks"]):  # the flat list: one node per block, with its name
+        name = html.escape(f'"{block["name"]}"')
+        assert f'<span class="k">{i}</span> <span class="t">RamBlock {name}</span>' in page
+    start = manifest["stream_start"]  # the QEVM magic's own offsets, as the IDE highlights them
+    magic = '<span class="k">magic</span> = <span class="b">[4 bytes] 51 45 56 4d</span> '
+    assert magic + f'<span class="pos">[{start:#x}, {start + 4:#x})</span>' in page
