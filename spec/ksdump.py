@@ -20,6 +20,7 @@ from typing import Any
 
 BUILD = Path(__file__).resolve().parent / "build"
 SKIP = {"pages"}  # instances too big to print
+ALIASES = {"prev"}  # another node of the tree (a block's predecessor): printing it would repeat the list
 
 
 def load_spec(build: Path = BUILD) -> Any:
@@ -47,6 +48,8 @@ def show(value: Any, indent: int, depth: int, out: list[str]) -> None:
     pad = "  " * indent
     if hasattr(value, "_io") and depth > 0:
         for name in members(value):
+            if name in ALIASES:
+                continue
             if name in SKIP:
                 out.append(f"{pad}{name}: <{getattr(value, 'used_length', '?')} bytes, not printed>")
                 continue

@@ -176,3 +176,4 @@ def test_ksdump_prints_tree(spec, paused_mr):
     assert run.returncode == 0, run.stderr
     assert "machine_type: 'pc-i440fx-10.0'" in run.stdout
     assert "idstr: 'pc.ram'" in run.stdout and "pages_offset: 1048576 (0x100000)" in run.stdout
+    assert "prev:" not in run.stdout  # a block's predecessor is not printed again under it
