@@ -1,15 +1,19 @@
 #!/usr/bin/env node
 // Compile the .ksy with the official Kaitai Struct compiler (the JavaScript build the
-// Web IDE runs). Usage: node compile.js [LANGUAGE] [OUTDIR]   (default: python ./build)
-// Exits non-zero on any error or warning, so the spec stays warning-free.
+// Web IDE runs). Usage: node compile.js [LANGUAGE] [OUTDIR] [--debug]   (default: python ./build)
+// --debug makes the build the Web IDE uses: _read() is called by the caller, and each
+// field records its offsets and enum in _debug. Exits non-zero on any error or warning,
+// so the spec stays warning-free.
 "use strict";
 const fs = require("fs");
 const path = require("path");
 const yaml = require("js-yaml");
 const compiler = require("kaitai-struct-compiler");
 
-const language = process.argv[2] || "python";
-const outDir = process.argv[3] || path.join(__dirname, "build");
+const args = process.argv.slice(2).filter((a) => a !== "--debug");
+const debug = process.argv.includes("--debug");
+const language = args[0] || "python";
+const outDir = args[1] || path.join(__dirname, "build");
 const source = path.join(__dirname, "qemu_mapped_ram.ksy");
 
 const problems = [];
@@ -23,7 +27,7 @@ for (const level of ["log", "warn", "error"]) {
 
 const ksy = yaml.load(fs.readFileSync(source, "utf8"));
 compiler
-  .compile(language, ksy, null, false)
+  .compile(language, ksy, null, debug)
   .then((files) => {
     fs.mkdirSync(outDir, { recursive: true });
     for (const [name, contents] of Object.entries(files)) {

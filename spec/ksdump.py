@@ -5,7 +5,8 @@
 
 Fields and instances are printed as the Web IDE shows them; byte strings longer than
 32 bytes are abbreviated, and the `pages` instances (whole page regions) are shown by
-size only. ``--offset N`` parses a ``file:PATH,offset=N`` save from N.
+size only. The spec finds the stream itself (behind a libvirt header, or the first QEVM
+v3 magic in the first MiB); ``--offset N`` parses a bare stream at N, e.g. further on.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 BUILD = Path(__file__).resolve().parent / "build"
 SKIP = {"pages"}  # instances too big to print
+ALIASES = {"prev"}  # another node of the tree (a block's predecessor): printing it would repeat the list
 
 
 def load_spec(build: Path = BUILD) -> Any:
@@ -46,6 +48,8 @@ def show(value: Any, indent: int, depth: int, out: list[str]) -> None:
     pad = "  " * indent
     if hasattr(value, "_io") and depth > 0:
         for name in members(value):
+            if name in ALIASES:
+                continue
             if name in SKIP:
                 out.append(f"{pad}{name}: <{getattr(value, 'used_length', '?')} bytes, not printed>")
                 continue

@@ -14,6 +14,7 @@ from craft import pattern_block, write_snapshot
 
 import mappedram
 from mappedram.formats import structs as S
+from mappedram.formats.constants import RamFlag
 
 SPEC = REPO / "spec"
 
@@ -50,18 +51,13 @@ def kaitai_parse(spec, path, offset=None):
     return None, spec.QemuMappedRam.QevmStream(io)
 
 
-def kaitai_blocks(stream):
-    block = stream.ram_start.ram_start.first_block
-    while True:
-        yield block
-        if not block.has_next:
-            return
-        block = block.next
-
-
 def assert_same(spec, path, offset=None):
     """Everything both sides know about the file must agree."""
-    root, stream = kaitai_parse(spec, path, offset)
+    assert_tree_agrees(*kaitai_parse(spec, path, offset), path, offset)
+
+
+def assert_tree_agrees(root, stream, path, offset=None):
+    """The parse tree (``root`` None for a stream parsed at ``offset``) against our reader."""
     with mappedram.open(path, offset=offset) as snap:
         if root is not None:
             assert root.stream_start == snap.stream_start
@@ -78,7 +74,7 @@ def assert_same(spec, path, offset=None):
         assert ram.full_header.section_id == next(s.section_id for s in snap.sections if s.idstr == "ram")
         assert ram.ram_start.mem_size == snap.ram_total
         assert ram.ram_start.mem_size_flags.name == "mem_size"
-        blocks = list(kaitai_blocks(stream))
+        blocks = stream.ram_start.ram_start.blocks  # a flat list
         assert [b.idstr for b in blocks] == list(snap.blocks)
         for kb, block in zip(blocks, snap):
             assert kb.used_length == block.used_length
@@ -98,16 +94,35 @@ def assert_same(spec, path, offset=None):
                 assert e.command.cmd.name == s.command
             else:
                 assert e.element_type.name == f"section_{s.kind}" and e.part_header.section_id == s.section_id
+        if not stream.mapped_ram:
+            assert_page_records_agree(stream, theirs, snap)
         last = stream.after_blocks.elements[-1]
         first_device = next((s for s in snap.sections if s.kind == "full" and s.idstr != "ram"), None)
         if first_device is not None:
             assert last.is_device and last.full_header.idstr == first_device.idstr
 
 
-def test_fixtures_agree(spec, fixture_path, manifest):
-    # a libvirt header says where the stream starts; a bare offset= save needs telling
-    offset = None if manifest["libvirt"] else manifest["stream_start"] or None
-    assert_same(spec, fixture_path, offset=offset)
+def assert_page_records_agree(stream, ram_sections, snap):
+    """A classic stream: the page records, read with the stream's page size, hold the pages we read."""
+    assert stream.page_size == snap.page_size
+    last = {}  # (block, page) -> the page's last PAGE record, None after a ZERO record
+    name = None
+    payloads = [stream.after_blocks.ram_start_tail]
+    payloads += [e.ram_payload for e in ram_sections if getattr(e, "ram_payload", None)]
+    for payload in payloads:
+        for rec in payload.records:
+            if rec.word & (RamFlag.PAGE | RamFlag.ZERO):
+                name = rec.idstr if not rec.word & RamFlag.CONTINUE else name
+                last[(name, rec.addr // stream.page_size)] = rec.page if rec.word & RamFlag.PAGE else None
+    for block in snap:
+        pages = sorted(page for (owner, page), data in last.items() if owner == block.name and data is not None)
+        assert pages == block.index[0].tolist()
+        for page in pages:
+            assert last[(block.name, page)] == bytes(block.page(page))
+
+
+def test_fixtures_agree(spec, fixture_path):
+    assert_same(spec, fixture_path)  # the spec finds the stream itself, behind any prefix
 
 
 def test_libvirt_prefix_agrees(spec, tmp_path):
@@ -161,3 +176,4 @@ def test_ksdump_prints_tree(spec, paused_mr):
     assert run.returncode == 0, run.stderr
     assert "machine_type: 'pc-i440fx-10.0'" in run.stdout
     assert "idstr: 'pc.ram'" in run.stdout and "pages_offset: 1048576 (0x100000)" in run.stdout
+    assert "prev:" not in run.stdout  # a block's predecessor is not printed again under it
