@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import FormatError
 from ..formats import bitmap as bm
 from ..formats.bitmap import BitmapLayout
-from .source import Source
+from .source import Source, read_exact
 
 # Bitmap bytes handled at once: 1 MiB covers 8 Mi pages (32 GiB of 4 KiB pages), so
 # dumping or verifying a huge guest needs memory that does not grow with it.
@@ -98,7 +98,7 @@ class RamBlock:
         offset = self.page_offset(index)
         if offset is None:
             return memoryview(bytes(self.page_size))
-        return self._src.view(offset, self.page_size, f"page {index} of {self.name}")
+        return memoryview(self._src.read(offset, self.page_size, f"page {index} of {self.name}"))
 
     def page_offset(self, index: int) -> int | None:
         """File offset of page ``index`` or None where the page is zero."""
@@ -154,16 +154,6 @@ def new_buffer(name: str, size: int) -> np.ndarray:
     if memory and size > memory:
         raise MemoryError(f"block {name!r} claims {size} bytes of RAM, more than this machine's {memory}")
     return np.zeros(size, dtype=np.uint8)  # calloc: untouched pages cost nothing
-
-
-def read_exact(fd: int, view: memoryview, offset: int, what: str) -> None:
-    """preadv the whole view from ``offset``, or raise FormatError on a short read."""
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n <= 0:
-            raise FormatError(offset + got, f"{len(view) - got} more bytes of {what}", "end of file")
-        got += n
 
 
 class MappedRamBlock(RamBlock):

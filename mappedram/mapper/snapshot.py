@@ -44,6 +44,7 @@ DEFAULT_PAGE_SIZE = 4096
 STREAM_PROBE_LIMIT = 1 << 20
 _WORD = S.RamWord.sizeof()
 _FOOTER = S.SectionFooter.sizeof()
+_RECORD_HEAD = _WORD + 1 + 255 + 1  # a word, a block name, a zero page's fill byte
 _ELEMENTS_AFTER_FOOTER = {t.value for t in SectionType} - {
     SectionType.SUBSECTION,
     SectionType.SECTION_FOOTER,
@@ -434,20 +435,13 @@ class Snapshot:
 
     def _search_footer(self, sec: Section, pos: int) -> int:
         """Without a usable description: the next ``7e <id>`` followed by a plausible element."""
-        mm = self._src.mmap
         pattern = bytes([SectionType.SECTION_FOOTER]) + struct.pack(">I", sec.section_id or 0)
-        at = pos
-        while mm is not None:
-            at = mm.find(pattern, at)
-            if at < 0:
-                break
-            after = at + _FOOTER
-            if after == self.size or (after < self.size and mm[after] in _ELEMENTS_AFTER_FOOTER):
-                return at
-            at += 1
-        raise FormatError(
-            pos, f"the footer of section {sec.idstr or sec.section_id}", "none before the end of the file"
-        )
+        at = self._src.cursor(pos).find(pattern, 1, lambda _, after: not after or after[0] in _ELEMENTS_AFTER_FOOTER)
+        if at < 0:
+            raise FormatError(
+                pos, f"the footer of section {sec.idstr or sec.section_id}", "none before the end of the file"
+            )
+        return at
 
     def _finish(self, off: int) -> None:
         self._eof_offset = off
@@ -571,7 +565,8 @@ class Snapshot:
     def _page_records(self, pos: int) -> int:
         """Walk PAGE/ZERO/CONTINUE records until EOS (the hot loop of stream files)."""
         src, w = self._src, self._walk
-        mm = src.mmap
+        cursor = src.cursor(pos)
+        buf, base = b"", pos  # the cursor's window: the records are read from it, never mapped
         size, page_size, mask = self.size, self.page_size, self.page_size - 1
         unpack = struct.Struct(">Q").unpack_from
         valid = int(self.policy.valid_flags)
@@ -582,7 +577,9 @@ class Snapshot:
         while True:
             if pos + _WORD > size:
                 raise FormatError(pos, "a RAM word", "the end of the file")
-            (word,) = unpack(mm, pos)
+            if pos + _RECORD_HEAD > base + len(buf):
+                buf, base = cursor.window(pos, min(size - pos, _RECORD_HEAD))
+            (word,) = unpack(buf, pos - base)
             flags = word & mask
             if flags & ~valid or flags & ~decoded or flags & RamFlag.MEM_SIZE:
                 why = self.policy.word_problem(flags) or "no second MEM_SIZE word"
@@ -596,10 +593,10 @@ class Snapshot:
             if not flags & RamFlag.CONTINUE:
                 if pos >= size:
                     raise FormatError(pos, "a block name", "the end of the file")
-                length = mm[pos]
+                length = buf[pos - base]
                 if pos + 1 + length > size:
                     raise FormatError(pos, f"a block name of {length} bytes", "the end of the file")
-                block_name = bytes(mm[pos + 1 : pos + 1 + length]).decode("utf-8", "replace")
+                block_name = buf[pos - base + 1 : pos - base + 1 + length].decode("utf-8", "replace")
                 if block_name not in self.blocks:
                     raise FormatError(pos, "the name of a RAM block from the block list", repr(block_name))
                 records = w.records.setdefault(block_name, (array("q"), array("q")))
@@ -619,8 +616,8 @@ class Snapshot:
             else:
                 if pos >= size:
                     raise FormatError(pos, "the fill byte of a zero page", "the end of the file")
-                if mm[pos] != 0:
-                    raise FormatError(pos, "a zero page fill byte of 0", f"{mm[pos]:#04x}")
+                if buf[pos - base] != 0:
+                    raise FormatError(pos, "a zero page fill byte of 0", f"{buf[pos - base]:#04x}")
                 records[0].append(page)
                 records[1].append(-1)
                 pos += 1
