@@ -22,7 +22,8 @@ import numpy as np
 
 from mappedram.formats.bitmap import LITTLE_ENDIAN_64
 from mappedram.formats.constants import CAP_MAPPED_RAM, RamFlag, SectionType, VmCommand
-from mappedram.mapper.encoder import StreamEncoder, configuration_vmdesc, place_block
+from mappedram.formats.layout import place_block
+from mappedram.mapper.encoder import StreamEncoder, configuration_vmdesc
 
 PAGE = 4096
 EVERY = 97

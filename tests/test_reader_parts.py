@@ -9,9 +9,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO, fixture_file
+
+import mappedram
 
 MR = "pc64-a-paused-mr.bin"
 STREAM = "pc64-d-paused-legacy.bin"
@@ -111,3 +114,172 @@ def test_stream_file_shrinking_under_an_open_snapshot(tmp_path, fraction, walked
     if walked:  # the index was built before the cut: it still says where the pages were
         assert result["extents"][0] == "ok" and int(result["extents"][1]) > 0
     assert not (tmp_path / "out.raw").exists()
+
+
+# -- the reader in parts -------------------------------------------------------------
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """Modules of the package that ``path`` imports, anywhere in it (function bodies too)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            target = ".".join(base + ([node.module] if node.module else []))
+            found |= {target, *(f"{target}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mappedram"):
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return found
+
+
+def test_no_import_cycles():
+    root = REPO / "mappedram"
+    modules = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        modules[name.removesuffix(".__init__")] = (path, package)
+    graph = {
+        name: {m for m in _imports(path, package) if m in modules and m != name and not path.name == "__init__.py"}
+        for name, (path, package) in modules.items()
+    }
+    for start in graph:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            mod = todo.pop()
+            assert mod != start, f"{start} imports itself through {sorted(seen)}"
+            if mod not in seen:
+                seen.add(mod)
+                todo += graph.get(mod, ())
+    assert "mappedram.mapper.snapshot" in graph["mappedram.mapper.restore"]  # the graph is real
+    assert "mappedram.mapper.restore" not in graph["mappedram.mapper.snapshot"]
+
+
+def _forward_only_fetch(f: Any, log: list[int]):
+    """A fetch like a decompressor's: bytes in order, a skip reads and drops, no going back."""
+    state = {"pos": 0}
+
+    def fetch(offset: int, length: int) -> bytes:
+        assert offset >= state["pos"], f"asked for {offset:#x} after {state['pos']:#x}"
+        f.read(offset - state["pos"])
+        data = f.read(length)
+        state["pos"] = offset + len(data)
+        log.append(offset)
+        return data
+
+    return fetch
+
+
+def test_the_walker_reads_a_stream_forward_only():
+    from mappedram.formats.policy import policy_for
+    from mappedram.mapper.prologue import read_prologue
+    from mappedram.mapper.ram_section import PageIndex, StreamRamSectionReader
+    from mappedram.mapper.source import Cursor, Source
+    from mappedram.mapper.walker import StreamWalker
+
+    path = fixture_file(STREAM)
+    with mappedram.open(path) as snap:
+        expected = [s.describe() for s in snap.sections]
+        vmdesc, vmdesc_offset, page_size = snap.vmdesc, snap.vmdesc_location[0], snap.page_size
+        index = {b.name: b.index for b in snap}
+    log: list[int] = []
+    stream = open(path, "rb")
+    cursor = Cursor(_forward_only_fetch(stream, log), path.stat().st_size, 0)
+    prologue = read_prologue(cursor, explicit_start=False)
+    problems: list = []
+    holder: dict = {}
+    pages = PageIndex(lambda: holder["walker"].walk())
+    src = Source(path)  # the blocks' page reads; the walk does not use it
+    policy = policy_for(prologue.configuration.capabilities)
+    ram = StreamRamSectionReader(src, policy, page_size, problems, ignore_shared=False, index=pages)
+    walker = StreamWalker(cursor, ram, problems, vmdesc=lambda: vmdesc, vmdesc_offset=vmdesc_offset)
+    holder["walker"] = walker
+    walker.walk()
+    src.close()
+    stream.close()
+    assert [s.describe() for s in walker.sections] == expected
+    assert log == sorted(log) and len(log) > 1
+    for name, (page_numbers, offsets) in index.items():
+        got = pages.pages(name)
+        assert (got[0] == page_numbers).all() and (got[1] == offsets).all()
+    assert problems == []
+
+
+def test_layout_field_offsets_from_the_schema(paused_mr):
+    import struct
+
+    from mappedram.formats.layout import HEADER_FIELDS, HEADER_SIZE
+
+    # MappedRamHeader: be32 version, be64 page_size, be64 bitmap_offset, be64 pages_offset
+    sizes = [struct.calcsize(">I"), struct.calcsize(">Q"), struct.calcsize(">Q"), struct.calcsize(">Q")]
+    starts = [sum(sizes[:i]) for i in range(4)]
+    assert HEADER_FIELDS == dict(zip(["version", "page_size", "bitmap_offset", "pages_offset"], starts))
+    assert HEADER_SIZE == sum(sizes)
+    with mappedram.open(paused_mr) as snap:
+        for block in snap:
+            place = block.place
+            for field in HEADER_FIELDS:
+                width = 4 if field == "version" else 8
+                raw = snap.read_bytes(place.field_offset(field), width)
+                assert int.from_bytes(raw, "big") == getattr(block, field if field != "version" else "version")
+            assert place.header_end == place.bitmap_offset  # QEMU puts the bitmap right after the header
+
+
+def test_reader_and_writer_share_the_placement_rule(tmp_path):
+    from craft import pattern_block, write_snapshot
+
+    from mappedram.formats.bitmap import LITTLE_ENDIAN_64
+    from mappedram.formats.layout import place_block
+
+    path = write_snapshot(tmp_path / "two.sav", {"a": pattern_block(5), "bb": pattern_block(3, zero=(1,))})
+    with mappedram.open(path) as snap:
+        for block in snap:
+            assert block.place == place_block(
+                block.name, block.used_length, block.page_size, block.entry_offset, LITTLE_ENDIAN_64
+            )
+
+
+@pytest.mark.parametrize("name", [MR, STREAM])
+def test_snapshot_mode_and_describe_keys(name):
+    from mappedram.formats.policy import Mode
+
+    with mappedram.open(fixture_file(name)) as snap:
+        assert snap.mode is (Mode.MAPPED_RAM if name == MR else Mode.STREAM)
+        assert snap.format == snap.mode.value
+        info = snap.describe()
+        mapped = snap.mode is Mode.MAPPED_RAM
+    assert list(info) == [  # README's Library section: keys are only ever added
+        "file", "size", "format", "libvirt", "stream_start", "version", "machine_type", "capabilities",
+        "target_page_bits", "uuid", "page_size", "ram_total", "ram_section_offset", "blocks", "vmdesc",
+        "sections", "eof_offset",
+    ]  # fmt: skip
+    block_keys = ["name", "used_length", "page_size", "pages_total", "pages_present", "entry_offset", "addr"]
+    if mapped:
+        block_keys += ["header_offset", "mapped_ram_version", "bitmap_offset", "bitmap_size", "pages_offset"]
+    assert all(list(b) == block_keys for b in info["blocks"])
+
+
+def test_unknown_flag_bits_are_named_as_such(tmp_path):
+    from craft import patch, pattern_block, section, write_snapshot
+
+    from mappedram.formats.constants import RamFlag
+    from mappedram.mapper.convert import to_stream
+
+    mr = write_snapshot(tmp_path / "mr.sav", {"pc.ram": pattern_block(4)})
+    path = tmp_path / "stream.sav"
+    with mappedram.open(mr) as snap:
+        to_stream(snap, path)
+    part = section(path, "part", "ram")
+
+    # The first page record's word, with MEM_SIZE and a bit no RamFlag names (0x400) added.
+    with open(path, "rb") as f:
+        f.seek(part.payload_offset)
+        word = int.from_bytes(f.read(8), "big")
+    patch(path, part.payload_offset, (word | RamFlag.MEM_SIZE | 0x400).to_bytes(8, "big"))
+    with pytest.raises(mappedram.FormatError) as err:
+        with mappedram.open(path) as snap:
+            snap.sections
+    assert err.value.offset == part.payload_offset
+    assert err.value.expected.startswith("RAM flags valid under stream"), err.value

@@ -48,11 +48,20 @@ class ModePolicy:
 
     def word_problem(self, flags: int) -> str | None:
         """Why a RAM word with these flag bits is not allowed here, or None."""
-        if flags & ~self.valid_flags:
+        if flags & ~int(self.valid_flags):  # int: ~ of an IntFlag drops the bits it does not name
             return f"RAM flags valid under {self.mode.value} ({flag_names(self.valid_flags)})"
-        if flags & ~self.decoded_flags:
+        if flags & ~int(self.decoded_flags):
             return f"RAM flags this reader decodes ({flag_names(self.decoded_flags)})"
         return None
+
+    @property
+    def later_word_flags(self) -> RamFlag:
+        """Flags a RAM word after the section's opening one may carry: MEM_SIZE only opens it."""
+        return self.valid_flags & self.decoded_flags & ~RamFlag.MEM_SIZE
+
+    def later_word_problem(self, flags: int) -> str | None:
+        """``word_problem`` for any word but the one opening the RAM section."""
+        return self.word_problem(flags) or ("no second MEM_SIZE word" if flags & RamFlag.MEM_SIZE else None)
 
 
 def flag_names(flags: int) -> str:
@@ -99,6 +108,12 @@ POLICIES: Mapping[Mode, ModePolicy] = {
 }
 
 
+# The capability in the configuration section that announces a mode; a stream that
+# announces none is a classic stream.
+MODE_CAPABILITIES: Mapping[Mode, str] = {Mode.MAPPED_RAM: CAP_MAPPED_RAM}
+
+
 def policy_for(capabilities: tuple[str, ...] | list[str]) -> ModePolicy:
     """The policy of a stream whose configuration announced these capabilities."""
-    return POLICIES[Mode.MAPPED_RAM if CAP_MAPPED_RAM in capabilities else Mode.STREAM]
+    announced = [mode for mode, cap in MODE_CAPABILITIES.items() if cap in capabilities]
+    return POLICIES[announced[0] if announced else Mode.STREAM]

@@ -19,12 +19,13 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 from ..errors import FormatError
 from .atomic import atomic_output
 from .blocks import RamBlock
 from .restore import _copy_range
+from .snapshot import Snapshot
 
 VGA_WINDOW = (0xA0000, 0xC0000)
 FOUR_GIB = 1 << 32
@@ -60,7 +61,7 @@ class PhysicalView:
     """Read guest-physical memory of a snapshot: ``view.read(addr, n)``."""
 
     def __init__(
-        self, snapshot: Any, *, below_4g_size: int | None = None, extra: Mapping[str, int] | None = None
+        self, snapshot: Snapshot, *, below_4g_size: int | None = None, extra: Mapping[str, int] | None = None
     ) -> None:
         self.snapshot = snapshot
         ram = snapshot.block(MAIN_RAM)

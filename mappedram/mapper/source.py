@@ -157,10 +157,9 @@ class Cursor:
         return self._buf, pos
 
     def require(self, length: int, what: str) -> None:
-        if self.pos + length > self.size:
-            raise FormatError(
-                self.pos, f"{what} ({length} bytes) inside the file", f"the file ends at {self.size:#x}"
-            )
+        """Raise unless ``length`` bytes from ``pos`` lie inside the file."""
+        if length < 0 or self.pos + length > self.size:
+            raise FormatError(self.pos, f"{what} ({length} bytes) inside the file", f"the file ends at {self.size:#x}")
 
     def byte(self, what: str) -> int:
         """The byte at ``pos``, not consumed."""

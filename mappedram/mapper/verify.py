@@ -15,8 +15,10 @@ import numpy as np
 
 from ..errors import FormatError
 from ..formats.constants import RAM_IDSTR
-from .blocks import MappedRamBlock, RamBlock, read_exact
-from .snapshot import Problem, Snapshot
+from .blocks import MappedRamBlock, RamBlock
+from .elements import Problem
+from .snapshot import Snapshot
+from .source import read_exact
 
 HASH_WINDOW = 64 << 20
 
@@ -139,7 +141,7 @@ def _check_block(snap: Snapshot, block: MappedRamBlock, problems: list[Problem])
     if block.page_size != snap.page_size:
         problems.append(
             Problem(
-                block.header_offset + 4,
+                block.place.field_offset("page_size"),
                 f"expected block {block.name!r} to have the stream's page size {snap.page_size}, "
                 f"found {block.page_size}",
             )
@@ -147,7 +149,7 @@ def _check_block(snap: Snapshot, block: MappedRamBlock, problems: list[Problem])
     if block.pages_offset % block.page_size:
         problems.append(
             Problem(
-                block.header_offset + 20,
+                block.place.field_offset("pages_offset"),
                 f"expected block {block.name!r}: pages_offset aligned to the "
                 f"page size {block.page_size}, found {block.pages_offset:#x}",
             )
@@ -169,7 +171,7 @@ def _check_regions(snap: Snapshot, blocks: list[MappedRamBlock], problems: list[
         regions.append((0, snap.stream_start, "the libvirt header"))
     stream_from = snap.stream_start
     for block in blocks:
-        header_end = block.header_offset + 28
+        header_end = block.place.header_end
         regions.append((stream_from, header_end, f"the stream up to the header of {block.name!r}"))
         regions.append((block.bitmap_offset, block.bitmap_offset + block.bitmap_size, f"the bitmap of {block.name!r}"))
         regions.append((block.pages_offset, block.pages_offset + block.used_length, f"the pages of {block.name!r}"))

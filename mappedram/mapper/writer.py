@@ -35,9 +35,10 @@ from ..formats.constants import (
     SectionType,
     VmCommand,
 )
+from ..formats.layout import BlockPlace, place_block
 from ..formats.policy import POLICIES, Event, Mode, Sync
 from .channels import Channels, pwrite_all
-from .encoder import BlockPlace, StreamEncoder, configuration_vmdesc, place_block
+from .encoder import StreamEncoder, configuration_vmdesc
 
 DEFAULT_MACHINE = "pc-i440fx-10.0"
 DEFAULT_RAM_SECTION_ID = 2
