@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import REPO, fixture_file
 
@@ -283,3 +284,107 @@ def test_unknown_flag_bits_are_named_as_such(tmp_path):
             snap.sections
     assert err.value.offset == part.payload_offset
     assert err.value.expected.startswith("RAM flags valid under stream"), err.value
+
+
+# -- the copy plan ------------------------------------------------------------------
+
+
+def _check_plan(block, start: int, end: int, piece: int) -> tuple[int, int]:
+    """Steps cover [start, end) in order; data steps hold present pages, gaps absent ones."""
+    from mappedram.mapper.copy_plan import GAP, copy_plan
+
+    present = block.present()
+    ps = block.page_size
+    at, data = start, 0
+    for steps in copy_plan(block.extent_arrays(), ps, start, end, piece):
+        for dest, length, file_offset in steps:
+            assert dest == at and length > 0
+            pages = present[dest // ps : -(-(dest + length) // ps)]
+            if file_offset == GAP:
+                assert not pages.any()
+            else:
+                assert pages.all() and length <= piece
+                assert file_offset == block.page_offset(dest // ps) + dest % ps
+                data += length
+            at = dest + length
+    assert at == end
+    return at, data
+
+
+@pytest.mark.parametrize("name", [MR, STREAM])
+def test_copy_plan_covers_the_block_and_clips(name):
+    with mappedram.open(fixture_file(name)) as snap:
+        block = snap.block("pc.ram")
+        _, data = _check_plan(block, 0, block.used_length, 1 << 20)
+        assert data == block.populated * block.page_size
+        # a range cut inside pages at both ends, as export-elf's regions may be
+        start, end = 0xA0000 + 123, block.used_length // 2 + 77
+        _check_plan(block, start, end, 3 * block.page_size)
+
+
+def _deltas(calls: list[int]) -> list[int]:
+    return [b - a for a, b in zip([0, *calls], calls)]
+
+
+def test_progress_moves_in_pieces(paused_mr, tmp_path):
+    """A block's progress moves at least every MiB of page data, not once per run."""
+    from mappedram.formats.constants import MAPPED_RAM_LOAD_BUF_SIZE as PIECE
+    from mappedram.mapper.parallel_load import ITEM_BYTES
+
+    with mappedram.open(paused_mr) as snap:
+        block = snap.block("pc.ram")
+        total = block.populated * block.page_size
+        assert max(e.count for e in block.extents()) * block.page_size > 4 * PIECE  # long runs to cut
+        seen: dict[str, list[int]] = {"read_into": [], "extract": [], "restore_into": []}
+        block.read(progress=lambda done, _: seen["read_into"].append(done))
+        mappedram.extract(snap, "pc.ram", tmp_path / "ram.raw", progress=lambda d, _: seen["extract"].append(d))
+        target = {"pc.ram": np.zeros(block.used_length, np.uint8)}
+        snap.restore_into(target, channels=1, progress=lambda d, _: seen["restore_into"].append(d))
+    for what, calls in seen.items():
+        assert calls[-1] == total, what
+        limit = PIECE if what != "restore_into" else ITEM_BYTES + PIECE  # a channel item: about 4 MiB of pieces
+        assert max(_deltas(calls)) <= limit, what
+
+
+def test_hash_of_a_huge_claim_is_chunked(tmp_path):
+    """A stream block claiming far more RAM than the file holds: its hash is fed zeros
+    from one shared buffer, so memory stays bounded whatever the claim."""
+    import hashlib
+    import tracemalloc
+
+    from craft import patch, pattern_block, write_snapshot
+
+    from mappedram.formats import structs as S
+    from mappedram.formats.constants import RamFlag
+    from mappedram.mapper.convert import to_stream
+    from mappedram.mapper.verify import block_sha256
+
+    pages = pattern_block(4)
+    small = write_snapshot(tmp_path / "small.sav", {"pc.ram": pages})
+    legacy = tmp_path / "legacy.sav"
+    with mappedram.open(small) as snap:
+        to_stream(snap, legacy)
+    with mappedram.open(legacy) as snap:
+        entry = snap.block("pc.ram").entry_offset
+        mem_size_at = snap.ram_section_offset + 1 + 4 + 1 + 3 + 8
+    claim = 256 << 20
+    patch(legacy, mem_size_at, S.RamWord.build(claim | RamFlag.MEM_SIZE))
+    patch(legacy, entry + 1 + len("pc.ram"), S.RamWord.build(claim))
+    expected = hashlib.sha256(pages.tobytes())
+    zeros = bytes(1 << 20)
+    for _ in range((claim - len(pages)) // len(zeros)):
+        expected.update(zeros)
+    expected.update(zeros[: (claim - len(pages)) % len(zeros)])
+    with mappedram.open(legacy) as snap:
+        block = snap.block("pc.ram")
+        block.populated  # the index, walked before measuring
+        calls: list[int] = []
+        tracemalloc.start()
+        try:
+            digest = block_sha256(block, calls.append)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert digest == expected.hexdigest()
+    assert peak < 24 << 20  # the shared zero buffer and one 8 MiB piece, not the claim
+    assert calls[-1] == claim and max(_deltas(calls)) <= 8 << 20

@@ -17,6 +17,7 @@ import numpy as np
 from ..formats import bitmap as bm
 from ..formats.bitmap import BitmapLayout
 from ..formats.layout import BlockPlace
+from .copy_plan import GAP, copy_plan
 from .source import Source, read_exact
 
 # Bitmap bytes handled at once: 1 MiB covers 8 Mi pages (32 GiB of 4 KiB pages), so
@@ -109,19 +110,17 @@ class RamBlock(ABC):
             raise ValueError(f"target holds {len(view)} bytes, block {self.name!r} has {self.used_length}")
         total = self.populated * self.page_size
         zeros = np.frombuffer(view, dtype=np.uint8) if zero_fill else None
-        done = end = 0
-        for ext in self.extents():
-            start = ext.first_page * self.page_size
-            length = ext.count * self.page_size
-            if zeros is not None:
-                zeros[end:start] = 0
-            read_exact(self._src.fd, view[start : start + length], ext.file_offset, self.name)
-            done += length
-            end = start + length
-            if progress:
-                progress(done, total)
-        if zeros is not None:
-            zeros[end:] = 0
+        done = 0
+        for steps in copy_plan(self.extent_arrays(), self.page_size, 0, self.used_length):
+            for dest, length, file_offset in steps:
+                if file_offset == GAP:
+                    if zeros is not None:
+                        zeros[dest : dest + length] = 0
+                    continue
+                read_exact(self._src.fd, view[dest : dest + length], file_offset, self.name)
+                done += length
+                if progress:
+                    progress(done, total)
 
     def read(self, progress: Progress | None = None) -> np.ndarray:
         """The whole block as a new uint8 array; absent pages are zero."""

@@ -7,10 +7,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..errors import FormatError
 from .atomic import atomic_output
 from .blocks import Progress, new_buffer
-from .channels import pwrite_all
+from .copy_plan import GAP, copy_plan, copy_range
 from .parallel_load import RestoreStats
 from .snapshot import Snapshot
 from .snapshot import open as open_snapshot
@@ -52,28 +51,12 @@ def extract(
     with atomic_output(out_path) as fd:
         os.ftruncate(fd, block.used_length)
         total = block.populated * block.page_size
-        for ext in block.extents():
-            length = ext.count * block.page_size
-            _copy_range(snapshot.fd, fd, ext.file_offset, ext.first_page * block.page_size, length)
-            done += length
-            if progress:
-                progress(done, total)
+        for steps in copy_plan(block.extent_arrays(), block.page_size, 0, block.used_length):
+            for dest, length, file_offset in steps:
+                if file_offset == GAP:
+                    continue  # a hole of the truncated file reads as zeros
+                copy_range(snapshot.fd, fd, file_offset, dest, length)
+                done += length
+                if progress:
+                    progress(done, total)
     return done
-
-
-def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, length: int) -> None:
-    """Kernel-side copy where the filesystem allows it, else pread/pwrite in 8 MiB pieces."""
-    while length:
-        try:
-            n = os.copy_file_range(src_fd, dst_fd, length, src_off, dst_off)
-        except OSError:
-            n = 0
-        if n <= 0:
-            data = os.pread(src_fd, min(length, 8 << 20), src_off)
-            if not data:
-                raise FormatError(src_off, f"{length} more bytes of page data", "end of file")
-            pwrite_all(dst_fd, memoryview(data), dst_off)
-            n = len(data)
-        src_off += n
-        dst_off += n
-        length -= n
