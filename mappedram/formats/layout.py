@@ -49,10 +49,6 @@ class BlockPlace:
     pages_offset: int
 
     @property
-    def num_pages(self) -> int:
-        return self.used_length // self.page_size
-
-    @property
     def header_end(self) -> int:
         return self.header_offset + HEADER_SIZE
 

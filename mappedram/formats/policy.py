@@ -25,7 +25,6 @@ class Event(enum.Enum):
     """Points where a channel sync may be due."""
 
     ROUND_END = "round-end"  # writer: a pass over the dirty pages is queued
-    BLOCK_END = "block-end"  # reader: one block's pages are queued
     LOAD_END = "load-end"  # reader: every block's pages are queued
 
 

@@ -88,7 +88,7 @@ def read_prologue(cursor: Cursor, explicit_start: bool) -> Prologue:
 def _libvirt_header(cursor: Cursor) -> LibvirtHeader | None:
     if cursor.size < _MAGIC:
         return None
-    buf, base = cursor.window(cursor.pos, _MAGIC)
+    buf, _ = cursor.window(cursor.pos, _MAGIC)
     if buf[:_MAGIC] not in (LIBVIRT_MAGIC_DONE, LIBVIRT_MAGIC_PARTIAL):
         return None
     raw_bytes = cursor.read(S.LIBVIRT_HEADER_SIZE, "the libvirt save header")

@@ -45,30 +45,8 @@ def _parse(schema: Construct, stream: Any, offset: int, size: int, what: str, **
         raise FormatError(offset, what, reason) from None
 
 
-class _PreadStream:
-    """The minimal file object construct needs, reading with pread and never past ``limit``."""
-
-    def __init__(self, src: "Source", pos: int) -> None:
-        self.src, self.pos = src, pos
-
-    def read(self, n: int = -1) -> bytes:
-        end = self.src.size if n is None or n < 0 else min(self.src.size, self.pos + n)
-        data = self.src.fetch(self.pos, end - self.pos) if end > self.pos else b""
-        self.pos += len(data)
-        return data
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        self.pos = pos if whence == 0 else (self.pos + pos if whence == 1 else self.src.size + pos)
-        return self.pos
-
-
 class Source:
-    """An open snapshot file with random access. ``pread`` users may share the fd."""
-
-    random_access = True
+    """An open snapshot file with random access; channel threads pread on their own fds."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
@@ -99,19 +77,6 @@ class Source:
     def read(self, offset: int, length: int, what: str) -> bytes:
         self.require(offset, length, what)
         return self.fetch(offset, length)
-
-    def read_into(self, view: memoryview, offset: int, what: str, fd: int | None = None) -> None:
-        """Fill ``view`` from ``offset`` (on ``fd``, a channel's own descriptor, if given)."""
-        read_exact(self.fd if fd is None else fd, view, offset, what)
-
-    def byte(self, offset: int, what: str) -> int:
-        return self.read(offset, 1, what)[0]
-
-    def parse(self, schema: Construct, offset: int, what: str, **context: Any) -> tuple[Any, int]:
-        """Parse ``schema`` at ``offset``; return the value and the offset just past it."""
-        stream = _PreadStream(self, offset)
-        value = _parse(schema, stream, offset, self.size, what, **context)
-        return value, stream.pos
 
     def cursor(self, pos: int) -> "Cursor":
         return Cursor(self.fetch, self.size, pos)
