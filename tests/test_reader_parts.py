@@ -388,3 +388,32 @@ def test_hash_of_a_huge_claim_is_chunked(tmp_path):
     assert digest == expected.hexdigest()
     assert peak < 24 << 20  # the shared zero buffer and one 8 MiB piece, not the claim
     assert calls[-1] == claim and max(_deltas(calls)) <= 8 << 20
+
+
+@pytest.mark.parametrize("page_size", [0, 3000, 1 << 31])
+def test_header_page_size_checked_before_use(tmp_path, page_size):
+    from craft import patch_header, pattern_block, write_snapshot
+
+    path = write_snapshot(tmp_path / "ps.sav", {"pc.ram": pattern_block(4)})
+    info = patch_header(path, "pc.ram", page_size=page_size)
+    with pytest.raises(mappedram.FormatError) as err:
+        mappedram.open(path)
+    assert err.value.offset == info["header_offset"] + 4  # be32 version, then the be64 page size
+    assert err.value.expected == "a power-of-two page size for 'pc.ram'" and err.value.found == str(page_size)
+
+
+def test_a_failed_walk_fails_again_the_same_way(tmp_path):
+    """The walk never resumes inside the element it failed in."""
+    from craft import truncate_copy
+
+    path = fixture_file(STREAM)
+    cut = truncate_copy(path, tmp_path / "cut.sav", path.stat().st_size // 2)
+    with mappedram.open(cut) as snap:
+        block = snap.block("pc.ram")
+        with pytest.raises(mappedram.FormatError) as first:
+            snap.sections
+        for again in (lambda: block.populated, lambda: snap.eof_offset, lambda: snap.sections):
+            with pytest.raises(mappedram.FormatError) as err:
+                again()
+            assert str(err.value) == str(first.value)
+    assert "end of the file" in first.value.found

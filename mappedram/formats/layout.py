@@ -10,6 +10,7 @@ the reader describes each parsed block with the same ``BlockPlace``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from construct import Struct
 
@@ -86,18 +87,17 @@ def place_block(
 
 
 def parsed_place(
-    name: str, used_length: int, entry_offset: int, header_offset: int, header: object, layout: BitmapLayout
+    name: str, used_length: int, entry_offset: int, header_offset: int, header: Any, layout: BitmapLayout
 ) -> BlockPlace:
-    """The place a parsed MappedRamHeader states (the reader checks it; QEMU's rule is
-    not assumed, since any writer may place the pieces elsewhere)."""
-    page_size: int = header.page_size  # type: ignore[attr-defined]
+    """The place a parsed MappedRamHeader (``header``) states. The reader checks it but
+    does not assume QEMU's rule: another writer may place the pieces elsewhere."""
     return BlockPlace(
         name,
         used_length,
-        page_size,
+        header.page_size,
         entry_offset,
         header_offset,
-        header.bitmap_offset,  # type: ignore[attr-defined]
-        layout.size(used_length // page_size),
-        header.pages_offset,  # type: ignore[attr-defined]
+        header.bitmap_offset,
+        layout.size(used_length // header.page_size),
+        header.pages_offset,
     )

@@ -18,7 +18,7 @@ from ..errors import FormatError
 from ..formats import structs as S
 from ..formats.bitmap import BitmapLayout
 from ..formats.constants import MAPPED_RAM_VERSION, RamFlag
-from ..formats.layout import HEADER_SIZE, parsed_place
+from ..formats.layout import HEADER_FIELDS, HEADER_SIZE, parsed_place
 from ..formats.policy import ModePolicy
 from .blocks import MappedRamBlock, RamBlock, StreamRamBlock
 from .elements import Problem
@@ -144,10 +144,12 @@ class MappedRamSectionReader(RamSectionReader):
             raise FormatError(
                 header_offset, f"mapped-ram header version {MAPPED_RAM_VERSION} for {name!r}", str(hdr.version)
             )
-        place = parsed_place(name, entry.used_length, entry_offset, header_offset, hdr, self.bitmap_layout)
-        ps = place.page_size
+        ps = hdr.page_size
         if ps < 512 or ps & (ps - 1) or ps > 1 << 30:
-            raise FormatError(place.field_offset("page_size"), f"a power-of-two page size for {name!r}", str(ps))
+            raise FormatError(
+                header_offset + HEADER_FIELDS["page_size"], f"a power-of-two page size for {name!r}", str(ps)
+            )
+        place = parsed_place(name, entry.used_length, entry_offset, header_offset, hdr, self.bitmap_layout)
         if not self.blocks and not self.page_size_settled:
             self.page_size = ps  # the first header settles a page size nothing else gave
         block = MappedRamBlock(self.src, place, hdr.version, entry.addr, self.bitmap_layout)

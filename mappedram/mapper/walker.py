@@ -50,6 +50,7 @@ class StreamWalker:
         self.ram_section_id: int | None = None
         self.ram_section_offset: int | None = None
         self.done = False
+        self._error: FormatError | None = None
         self._device_index = 0
         self._dispatch: dict[SectionType, Callable[[int, SectionType], None]] = {
             SectionType.SECTION_START: self._full_section,
@@ -61,7 +62,17 @@ class StreamWalker:
         }
 
     def walk(self, until_ram_start: bool = False) -> None:
-        """Walk to EOF, or only until the RAM section's opening payload is read."""
+        """Walk to EOF, or only until the RAM section's opening payload is read. A walk
+        that failed fails again the same way: it never resumes inside an element."""
+        if self._error is not None:
+            raise self._error
+        try:
+            self._walk(until_ram_start)
+        except FormatError as err:
+            self._error = err
+            raise
+
+    def _walk(self, until_ram_start: bool) -> None:
         cursor = self.cursor
         while not self.done:
             if until_ram_start and self.ram_section_offset is not None:
