@@ -26,6 +26,7 @@ from .source import Cursor, Source
 
 _WORD = S.RamWord.sizeof()
 _RECORD_HEAD = _WORD + 1 + 255 + 1  # a word, a block name, a zero page's fill byte
+_PAGE_OR_ZERO = RamFlag.PAGE | RamFlag.ZERO
 
 
 class PageIndex:
@@ -207,6 +208,10 @@ class StreamRamSectionReader(RamSectionReader):
         size, page_size, mask = cursor.size, self.page_size, self.page_size - 1
         unpack = struct.Struct(">Q").unpack_from
         allowed = int(self.policy.later_word_flags)
+        # plain ints: an IntFlag operation costs microseconds, this loop runs per record
+        eos, page_or_zero, cont, page_flag = (
+            int(f) for f in (RamFlag.EOS, _PAGE_OR_ZERO, RamFlag.CONTINUE, RamFlag.PAGE)
+        )
         block_name = self._current
         records = None if block_name is None else self.index.log(block_name)
         num_pages = 0 if block_name is None else self.blocks[block_name].num_pages
@@ -220,13 +225,13 @@ class StreamRamSectionReader(RamSectionReader):
             if flags & ~allowed:
                 raise self._word_problem(pos, word, flags)
             pos += _WORD
-            if flags & RamFlag.EOS:
+            if flags & eos:
                 self._current = block_name
                 cursor.skip_to(pos, "the RAM section")
                 return
-            if not flags & (RamFlag.PAGE | RamFlag.ZERO):
+            if not flags & page_or_zero:
                 continue  # MULTIFD_FLUSH: nothing follows
-            if not flags & RamFlag.CONTINUE:
+            if not flags & cont:
                 if pos >= size:
                     raise FormatError(pos, "a block name", "the end of the file")
                 length = buf[pos - base]
@@ -243,7 +248,7 @@ class StreamRamSectionReader(RamSectionReader):
             page = (word & ~mask) // page_size
             if page >= num_pages:
                 raise FormatError(pos - _WORD, f"a page inside block {block_name!r}", f"address {word & ~mask:#x}")
-            if flags & RamFlag.PAGE:
+            if flags & page_flag:
                 if pos + page_size > size:
                     raise FormatError(pos, f"{page_size} bytes of page data", "the end of the file")
                 records[0].append(page)
