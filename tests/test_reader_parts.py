@@ -417,3 +417,24 @@ def test_a_failed_walk_fails_again_the_same_way(tmp_path):
                 again()
             assert str(err.value) == str(first.value)
     assert "end of the file" in first.value.found
+
+
+def test_device_sizes_that_are_no_numbers_fall_back_to_the_footers(tmp_path, paused_mr):
+    """A VM description is free-form JSON: a field size of Infinity is a problem, and the
+    device section is delimited by its footer instead."""
+    import dataclasses
+
+    from craft import pattern_block, write_snapshot
+
+    with mappedram.open(paused_mr) as snap:
+        devices = mappedram.DeviceState.from_snapshot(snap)
+    broken = json.loads(json.dumps(devices.descriptions))
+    sized = next(d for d in broken if d.get("fields"))
+    sized["fields"][0]["size"] = float("inf")
+    devices = dataclasses.replace(devices, descriptions=broken)
+    path = write_snapshot(tmp_path / "inf.sav", {"pc.ram": pattern_block(4)}, devices=devices)
+    with mappedram.open(path) as snap:
+        names = [s.idstr for s in snap.devices]
+        problems = [p.text for p in snap.problems]
+    assert sized["name"] in names and len(names) == len(broken)
+    assert problems == [f"expected usable field sizes in the VM description of {sized['name']}, found none"]

@@ -9,6 +9,7 @@ the walker indexes here as it passes them.
 from __future__ import annotations
 
 import struct
+from abc import ABC, abstractmethod
 from array import array
 from typing import Any, Callable
 
@@ -57,7 +58,7 @@ class PageIndex:
         return pages[keep], offsets[keep]
 
 
-class RamSectionReader:
+class RamSectionReader(ABC):
     """Reads the RAM section's payloads for one mode; holds the blocks it found."""
 
     def __init__(
@@ -108,12 +109,13 @@ class RamSectionReader:
             remaining -= entry.used_length  # verify reports a sum past MEM_SIZE
         self.payload(cursor)
 
+    @abstractmethod
     def payload(self, cursor: Cursor) -> None:
         """A PART/END payload, or the START payload after the block list: words until EOS."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _block(self, entry: Any, entry_offset: int, cursor: Cursor) -> RamBlock:
-        raise NotImplementedError
+        """The block of a parsed entry; leaves the cursor where the stream resumes."""
 
     def _word_problem(self, at: int, word: int, flags: int) -> FormatError:
         return FormatError(at, self.policy.later_word_problem(flags) or "a RAM word", f"word {word:#x}")

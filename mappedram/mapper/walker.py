@@ -209,7 +209,7 @@ class StreamWalker:
             if isinstance(dev, dict) and dev.get("name") == sec.idstr and dev.get("instance_id", 0) == sec.instance_id:
                 try:
                     size = device_payload_size(dev)
-                except (KeyError, TypeError, ValueError):
+                except (KeyError, TypeError, ValueError, OverflowError, RecursionError):  # JSON is free-form
                     self.problems.append(
                         Problem(pos, f"expected usable field sizes in the VM description of {sec.idstr}, found none")
                     )
