@@ -438,3 +438,48 @@ def test_device_sizes_that_are_no_numbers_fall_back_to_the_footers(tmp_path, pau
         problems = [p.text for p in snap.problems]
     assert sized["name"] in names and len(names) == len(broken)
     assert problems == [f"expected usable field sizes in the VM description of {sized['name']}, found none"]
+
+
+def test_every_word_is_judged_by_the_policy():
+    """A rule on a combination of known flags, added to the policy, reaches the record
+    loop: the loop asks the policy once per flags value, not a bit mask of its own."""
+    import dataclasses
+
+    from mappedram.formats.constants import RamFlag
+    from mappedram.formats.policy import ModePolicy, policy_for
+    from mappedram.mapper.prologue import read_prologue
+    from mappedram.mapper.ram_section import PageIndex, StreamRamSectionReader
+    from mappedram.mapper.source import Source
+    from mappedram.mapper.walker import StreamWalker
+
+    class NoZeroPages(ModePolicy):
+        def word_problem(self, flags: int) -> str | None:
+            if flags & RamFlag.ZERO:
+                return "no ZERO records (a test rule)"
+            return super().word_problem(flags)
+
+    path = fixture_file(STREAM)
+    with mappedram.open(path) as snap:
+        first_part = next(s for s in snap.sections if s.idstr == "ram" and s.kind == "part")
+        vmdesc = snap.vmdesc
+    src = Source(path)
+    try:
+        cursor = src.cursor(0)
+        prologue = read_prologue(cursor, explicit_start=False)
+        stock = policy_for(prologue.configuration.capabilities)
+        policy = NoZeroPages(**{f.name: getattr(stock, f.name) for f in dataclasses.fields(stock)})
+        problems: list = []
+        holder: dict = {}
+        ram = StreamRamSectionReader(
+            src, policy, 4096, problems, ignore_shared=False, index=PageIndex(lambda: holder["w"].walk())
+        )
+        walker = holder["w"] = StreamWalker(cursor, ram, problems, vmdesc=lambda: vmdesc, vmdesc_offset=None)
+        with pytest.raises(mappedram.FormatError) as err:
+            walker.walk()
+    finally:
+        src.close()
+    assert err.value.expected == "no ZERO records (a test rule)"
+    assert err.value.offset >= first_part.payload_offset
+    with mappedram.open(path) as snap:
+        word = int.from_bytes(snap.read_bytes(err.value.offset, 8), "big")
+    assert word & 0xFFF & RamFlag.ZERO  # the walk stopped at a ZERO record

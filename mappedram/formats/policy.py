@@ -53,11 +53,6 @@ class ModePolicy:
             return f"RAM flags this reader decodes ({flag_names(self.decoded_flags)})"
         return None
 
-    @property
-    def later_word_flags(self) -> RamFlag:
-        """Flags a RAM word after the section's opening one may carry: MEM_SIZE only opens it."""
-        return self.valid_flags & self.decoded_flags & ~RamFlag.MEM_SIZE
-
     def later_word_problem(self, flags: int) -> str | None:
         """``word_problem`` for any word but the one opening the RAM section."""
         return self.word_problem(flags) or ("no second MEM_SIZE word" if flags & RamFlag.MEM_SIZE else None)

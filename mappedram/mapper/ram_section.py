@@ -28,6 +28,7 @@ from .source import Cursor, Source
 _WORD = S.RamWord.sizeof()
 _RECORD_HEAD = _WORD + 1 + 255 + 1  # a word, a block name, a zero page's fill byte
 _PAGE_OR_ZERO = RamFlag.PAGE | RamFlag.ZERO
+_KNOWN_FLAGS = int(sum(RamFlag))
 
 
 class PageIndex:
@@ -77,6 +78,7 @@ class RamSectionReader(ABC):
         self.ignore_shared = ignore_shared
         self.blocks: dict[str, RamBlock] = {}
         self.total: int | None = None  # MEM_SIZE
+        self._verdicts: dict[int, str | None] = {}
 
     def opening(self, cursor: Cursor) -> None:
         """MEM_SIZE and the block list, then the rest of the START payload."""
@@ -117,8 +119,18 @@ class RamSectionReader(ABC):
     def _block(self, entry: Any, entry_offset: int, cursor: Cursor) -> RamBlock:
         """The block of a parsed entry; leaves the cursor where the stream resumes."""
 
+    def _verdict(self, flags: int) -> str | None:
+        """The policy's objection to a RAM word's flags, asked once per flags value (the
+        record loop runs per page); values past every known flag are not kept."""
+        if flags in self._verdicts:
+            return self._verdicts[flags]
+        why = self.policy.later_word_problem(flags)
+        if flags <= _KNOWN_FLAGS:
+            self._verdicts[flags] = why
+        return why
+
     def _word_problem(self, at: int, word: int, flags: int) -> FormatError:
-        return FormatError(at, self.policy.later_word_problem(flags) or "a RAM word", f"word {word:#x}")
+        return FormatError(at, self._verdict(flags) or "a RAM word", f"word {word:#x}")
 
 
 class MappedRamSectionReader(RamSectionReader):
@@ -170,14 +182,14 @@ class MappedRamSectionReader(RamSectionReader):
         return block
 
     def payload(self, cursor: Cursor) -> None:
-        mask = self.page_size - 1
+        mask, eos = self.page_size - 1, int(RamFlag.EOS)
         while True:
             at = cursor.pos
             (word,) = struct.unpack(">Q", cursor.read(_WORD, "a RAM word (flags in the low bits)"))
             flags = word & mask
-            if self.policy.later_word_problem(flags):
+            if self._verdict(flags):
                 raise self._word_problem(at, word, flags)
-            if flags & RamFlag.EOS:
+            if flags & eos:
                 return
 
 
@@ -209,7 +221,7 @@ class StreamRamSectionReader(RamSectionReader):
         buf, base = b"", pos  # the cursor's window: records are read from it, never mapped
         size, page_size, mask = cursor.size, self.page_size, self.page_size - 1
         unpack = struct.Struct(">Q").unpack_from
-        allowed = int(self.policy.later_word_flags)
+        verdict, known = self._verdict, self._verdicts
         # plain ints: an IntFlag operation costs microseconds, this loop runs per record
         eos, page_or_zero, cont, page_flag = (
             int(f) for f in (RamFlag.EOS, _PAGE_OR_ZERO, RamFlag.CONTINUE, RamFlag.PAGE)
@@ -224,7 +236,7 @@ class StreamRamSectionReader(RamSectionReader):
                 buf, base = cursor.window(pos, min(size - pos, _RECORD_HEAD))
             (word,) = unpack(buf, pos - base)
             flags = word & mask
-            if flags & ~allowed:
+            if (known[flags] if flags in known else verdict(flags)) is not None:
                 raise self._word_problem(pos, word, flags)
             pos += _WORD
             if flags & eos:
