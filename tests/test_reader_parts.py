@@ -247,7 +247,7 @@ def test_snapshot_mode_and_describe_keys(name):
     from mappedram.formats.policy import Mode
 
     with mappedram.open(fixture_file(name)) as snap:
-        assert snap.mode is (Mode.MAPPED_RAM if name == MR else Mode.STREAM)
+        assert snap.mode is (Mode.MAPPED_RAM if name == MR else Mode.STREAM) and Mode is mappedram.Mode
         assert snap.format == snap.mode.value
         info = snap.describe()
         mapped = snap.mode is Mode.MAPPED_RAM
