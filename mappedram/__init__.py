@@ -2,6 +2,7 @@
 
 from .errors import FormatError
 from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64, BitmapLayout
+from .formats.policy import Mode
 from .mapper.blocks import MappedRamBlock, RamBlock, StreamRamBlock
 from .mapper.convert import convert
 from .mapper.physical import PhysicalView, export_elf
@@ -19,6 +20,7 @@ __all__ = [
     "DeviceState",
     "FormatError",
     "MappedRamBlock",
+    "Mode",
     "RamBlock",
     "Report",
     "Snapshot",

@@ -28,7 +28,6 @@ class Event(enum.Enum):
     """Points where a channel sync may be due."""
 
     ROUND_END = "round-end"  # writer: a pass over the dirty pages is queued
-    BLOCK_END = "block-end"  # reader: one block's pages are queued
     LOAD_END = "load-end"  # reader: every block's pages are queued
 
 
@@ -52,20 +51,19 @@ class ModePolicy:
     def sync_at(self, event: Event) -> Sync:
         return self.syncs.get(event, Sync.NONE)
 
-    @property
-    def decoded_words(self) -> frozenset[int]:
-        """Every flag value a word this reader follows may carry (for the record loop)."""
-        return frozenset(int(k | c) for k in self.decoded_kinds for c in (0, RamFlag.CONTINUE))
-
     def word_problem(self, flags: int) -> str | None:
         """Why a RAM word with these flag bits is not allowed here, or None."""
-        kind = flags & ~RamFlag.CONTINUE
+        kind = flags & ~int(RamFlag.CONTINUE)  # int: ~ of an IntFlag drops the bits it does not name
         if kind not in self.word_kinds:
             kinds = _kinds(self.word_kinds)
             return f"RAM flags valid under {self.mode.value}: one of {kinds}, with or without CONTINUE"
         if kind not in self.decoded_kinds:
             return f"RAM flags this reader decodes: one of {_kinds(self.decoded_kinds)}"
         return None
+
+    def later_word_problem(self, flags: int) -> str | None:
+        """``word_problem`` for any word but the one opening the RAM section."""
+        return self.word_problem(flags) or ("no second MEM_SIZE word" if flags & RamFlag.MEM_SIZE else None)
 
 
 def flag_names(flags: int) -> str:
@@ -109,9 +107,15 @@ POLICIES: Mapping[Mode, ModePolicy] = {
 }
 
 
+# The capability in the configuration section that announces a mode; a stream that
+# announces none is a classic stream.
+MODE_CAPABILITIES: Mapping[Mode, str] = {Mode.MAPPED_RAM: CAP_MAPPED_RAM}
+
+
 def policy_for(capabilities: tuple[str, ...] | list[str]) -> ModePolicy:
     """The policy of a stream whose configuration announced these capabilities."""
-    return POLICIES[Mode.MAPPED_RAM if CAP_MAPPED_RAM in capabilities else Mode.STREAM]
+    announced = [mode for mode, cap in MODE_CAPABILITIES.items() if cap in capabilities]
+    return POLICIES[announced[0] if announced else Mode.STREAM]
 
 
 # -- VM commands ------------------------------------------------------------------------

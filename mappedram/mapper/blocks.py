@@ -8,15 +8,17 @@ stream block finds them through an index built by walking PAGE/ZERO records.
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from ..errors import FormatError
 from ..formats import bitmap as bm
 from ..formats.bitmap import BitmapLayout
-from .source import Source
+from ..formats.layout import BlockPlace
+from .copy_plan import GAP, copy_plan
+from .source import Source, read_exact
 
 # Bitmap bytes handled at once: 1 MiB covers 8 Mi pages (32 GiB of 4 KiB pages), so
 # dumping or verifying a huge guest needs memory that does not grow with it.
@@ -34,7 +36,7 @@ class Extent:
     file_offset: int
 
 
-class RamBlock:
+class RamBlock(ABC):
     """One RAMBlock of the snapshot (common part of both modes)."""
 
     def __init__(
@@ -47,7 +49,6 @@ class RamBlock:
         self.entry_offset = entry_offset  # file offset of the block's u8 idlen
         self.addr = addr  # guest-physical address, only under x-ignore-shared
         self.in_file = True  # False: a shared block the file leaves out (x-ignore-shared)
-        self._populated: int | None = None
 
     @property
     def fd(self) -> int:
@@ -58,28 +59,26 @@ class RamBlock:
     def num_pages(self) -> int:
         return self.used_length // self.page_size
 
+    @property
+    @abstractmethod
+    def populated(self) -> int:
+        """Pages that hold data in the file (set bits, or PAGE records)."""
+
+    @abstractmethod
     def present_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(first page, bool array) pieces, in page order and bounded memory; pages in no
         piece are absent."""
-        raise NotImplementedError
 
+    @abstractmethod
     def extent_arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(first pages, page counts, file offsets) of the populated pages, as runs that are
         contiguous in the file, in page order and bounded pieces (numpy, for hot loops)."""
-        raise NotImplementedError
 
     def extents(self) -> Iterator[Extent]:
         """The populated pages, as runs that are contiguous in the file."""
         for firsts, counts, offsets in self.extent_arrays():
             for first, count, offset in zip(firsts.tolist(), counts.tolist(), offsets.tolist()):
                 yield Extent(first, count, offset)
-
-    @property
-    def populated(self) -> int:
-        """Pages that hold data in the file (set bits, or PAGE records)."""
-        if self._populated is None:
-            self._populated = sum(int(chunk.sum()) for _, chunk in self.present_chunks())
-        return self._populated
 
     def present(self) -> np.ndarray:
         """A bool array, one entry per page: True where the file holds the page."""
@@ -99,11 +98,11 @@ class RamBlock:
         offset = self.page_offset(index)
         if offset is None:
             return memoryview(bytes(self.page_size))
-        return self._src.view(offset, self.page_size, f"page {index} of {self.name}")
+        return memoryview(self._src.read(offset, self.page_size, f"page {index} of {self.name}"))
 
+    @abstractmethod
     def page_offset(self, index: int) -> int | None:
         """File offset of page ``index`` or None where the page is zero."""
-        raise NotImplementedError
 
     def read_into(self, out: memoryview | np.ndarray, progress: Progress | None = None, zero_fill: bool = True) -> None:
         """Copy the block into ``out`` (``used_length`` writable bytes), single-threaded."""
@@ -112,19 +111,17 @@ class RamBlock:
             raise ValueError(f"target holds {len(view)} bytes, block {self.name!r} has {self.used_length}")
         total = self.populated * self.page_size
         zeros = np.frombuffer(view, dtype=np.uint8) if zero_fill else None
-        done = end = 0
-        for ext in self.extents():
-            start = ext.first_page * self.page_size
-            length = ext.count * self.page_size
-            if zeros is not None:
-                zeros[end:start] = 0
-            read_exact(self._src.fd, view[start : start + length], ext.file_offset, self.name)
-            done += length
-            end = start + length
-            if progress:
-                progress(done, total)
-        if zeros is not None:
-            zeros[end:] = 0
+        done = 0
+        for steps in copy_plan(self.extent_arrays(), self.page_size, 0, self.used_length):
+            for dest, length, file_offset in steps:
+                if file_offset == GAP:
+                    if zeros is not None:
+                        zeros[dest : dest + length] = 0
+                    continue
+                read_exact(self._src.fd, view[dest : dest + length], file_offset, self.name)
+                done += length
+                if progress:
+                    progress(done, total)
 
     def read(self, progress: Progress | None = None) -> np.ndarray:
         """The whole block as a new uint8 array; absent pages are zero."""
@@ -166,53 +163,48 @@ def new_buffer(name: str, size: int) -> np.ndarray:
     return np.zeros(size, dtype=np.uint8)  # calloc: untouched pages cost nothing
 
 
-def read_exact(fd: int, view: memoryview, offset: int, what: str) -> None:
-    """preadv the whole view from ``offset``, or raise FormatError on a short read."""
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n <= 0:
-            raise FormatError(offset + got, f"{len(view) - got} more bytes of {what}", "end of file")
-        got += n
-
-
 class MappedRamBlock(RamBlock):
-    """A block with a MappedRamHeader: bitmap and pages at absolute offsets."""
+    """A block with a MappedRamHeader: bitmap and pages where its ``place`` says."""
 
     def __init__(
         self,
         src: Source,
-        name: str,
-        used_length: int,
-        page_size: int,
-        entry_offset: int,
-        addr: int | None,
-        header_offset: int,
+        place: BlockPlace,
         version: int,
-        bitmap_offset: int,
-        pages_offset: int,
-        layout: BitmapLayout,
+        addr: int | None,
+        bitmap_layout: BitmapLayout,
         in_file: bool = True,
     ) -> None:
-        super().__init__(src, name, used_length, page_size, entry_offset, addr)
+        super().__init__(src, place.name, place.used_length, place.page_size, place.entry_offset, addr)
+        self.place = place
         self.in_file = in_file  # without it: no bitmap, no pages, every page absent
-        self.header_offset = header_offset
-        self.version = version
-        self.bitmap_offset = bitmap_offset
-        self.pages_offset = pages_offset
-        self.layout = layout
+        self.version = version  # of the MappedRamHeader
+        self.bitmap_layout = bitmap_layout
+        self._populated: int | None = None
+
+    @property
+    def header_offset(self) -> int:
+        return self.place.header_offset
+
+    @property
+    def bitmap_offset(self) -> int:
+        return self.place.bitmap_offset
+
+    @property
+    def pages_offset(self) -> int:
+        return self.place.pages_offset
 
     @property
     def bitmap_size(self) -> int:
-        return self.layout.size(self.num_pages) if self.in_file else 0
+        return self.place.bitmap_size if self.in_file else 0
 
     def _lsb_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(first byte of the bitmap, LSB-first bytes) in bounded pieces of whole words."""
-        step = BITMAP_CHUNK - BITMAP_CHUNK % self.layout.word_bytes
+        step = BITMAP_CHUNK - BITMAP_CHUNK % self.bitmap_layout.word_bytes
         for start in range(0, self.bitmap_size, step):
             length = min(step, self.bitmap_size - start)
             raw = self._src.read(self.bitmap_offset + start, length, f"the bitmap of {self.name}")
-            yield start, self.layout.to_lsb(np.frombuffer(raw, dtype=np.uint8))
+            yield start, self.bitmap_layout.to_lsb(np.frombuffer(raw, dtype=np.uint8))
 
     def present_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         for start, lsb in self._lsb_chunks():
@@ -234,12 +226,12 @@ class MappedRamBlock(RamBlock):
         """Set bits past the last page (QEMU never sets them)."""
         if self.bitmap_size == 0:
             return 0
-        word = self.layout.word_bytes
+        word = self.bitmap_layout.word_bytes
         tail_start = (self.num_pages // 8) // word * word
         raw = self._src.read(
             self.bitmap_offset + tail_start, self.bitmap_size - tail_start, f"the bitmap tail of {self.name}"
         )
-        lsb = self.layout.to_lsb(np.frombuffer(raw, dtype=np.uint8))
+        lsb = self.bitmap_layout.to_lsb(np.frombuffer(raw, dtype=np.uint8))
         return bm.stray_bits(lsb, self.num_pages - tail_start * 8)
 
     def extent_arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -251,12 +243,12 @@ class MappedRamBlock(RamBlock):
     def page_offset(self, index: int) -> int | None:
         if not self.in_file:
             return None
-        word = self.layout.word_bytes
+        word = self.bitmap_layout.word_bytes
         bit = index % (8 * word)
         word_start = index // (8 * word) * word
         raw = self._src.read(self.bitmap_offset + word_start, word, f"the bitmap of {self.name}")
-        value = int.from_bytes(raw, self.layout.byteorder)
-        return self.pages_offset + index * self.page_size if value >> bit & 1 else None
+        value = int.from_bytes(raw, self.bitmap_layout.byteorder)
+        return self.place.page_offset(index) if value >> bit & 1 else None
 
     def describe(self) -> dict[str, object]:
         return {
@@ -269,8 +261,12 @@ class MappedRamBlock(RamBlock):
         }
 
 
+class PageLookup(Protocol):
+    def pages(self, name: str) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 class StreamRamBlock(RamBlock):
-    """A block of a classic stream: pages found by walking PAGE/ZERO records.
+    """A block of a classic stream: its pages are where the walker's index says.
 
     The index holds only the pages that have a PAGE record (sorted page numbers and
     their file offsets), so its size follows the file, not the RAM size the stream
@@ -285,24 +281,18 @@ class StreamRamBlock(RamBlock):
         page_size: int,
         entry_offset: int,
         addr: int | None,
-        index_builder: Callable[[], None],
+        index: PageLookup,
     ) -> None:
         super().__init__(src, name, used_length, page_size, entry_offset, addr)
-        self._build_index = index_builder
+        self._lookup = index
         self._index: tuple[np.ndarray, np.ndarray] | None = None
-
-    def set_records(self, pages: np.ndarray, offsets: np.ndarray) -> None:
-        """Every record in stream order (offset -1 for ZERO); the last one of a page wins."""
-        last = len(pages) - 1 - np.unique(pages[::-1], return_index=True)[1]  # sorted by page
-        keep = last[offsets[last] >= 0]
-        self._index = (pages[keep], offsets[keep])
 
     @property
     def index(self) -> tuple[np.ndarray, np.ndarray]:
-        """(page numbers, file offsets) of the pages the stream holds, by page."""
+        """(page numbers, file offsets) of the pages the stream holds, by page (the first
+        use walks the rest of the stream)."""
         if self._index is None:
-            self._build_index()
-        assert self._index is not None
+            self._index = self._lookup.pages(self.name)
         return self._index
 
     @property

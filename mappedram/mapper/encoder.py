@@ -1,9 +1,9 @@
-"""Bytes of the main stream, built with the schemas; the order of a stream's parts
-(StreamComposer); and the mapped-ram layout rule.
+"""Bytes of the main stream, built with the schemas, and the order of a stream's parts
+(StreamComposer).
 
 The writer and convert decide what to write and when; this module says how each element
-looks, in which order the parts of a stream come, and where QEMU 10 puts a block's
-bitmap and pages (mapped_ram_setup_ramblock).
+looks and in which order the parts of a stream come (where a block's bitmap and pages go
+is formats/layout.py).
 """
 
 from __future__ import annotations
@@ -26,54 +26,13 @@ from ..formats.constants import (
     SectionType,
     VmCommand,
 )
+from ..formats.layout import BlockPlace, place_block
 
 Piece = tuple[int, bytes]  # (file offset, bytes to write there)
 
 
 DEFAULT_MACHINE = "pc-i440fx-10.0"  # the machine type of a stream whose source names none
 DEFAULT_RAM_SECTION_ID = 2
-
-
-def round_up(value: int, align: int) -> int:
-    return -(-value // align) * align
-
-
-@dataclass(frozen=True)
-class BlockPlace:
-    """Where one block's pieces go in the file (all absolute offsets)."""
-
-    name: str
-    used_length: int
-    page_size: int
-    entry_offset: int
-    header_offset: int
-    bitmap_offset: int
-    bitmap_size: int
-    pages_offset: int
-
-    @property
-    def resume_offset(self) -> int:
-        """QEMU seeks here after the block: the next block's entry or EOS."""
-        return self.pages_offset + self.used_length
-
-
-def place_block(
-    name: str,
-    used_length: int,
-    page_size: int,
-    entry_offset: int,
-    layout: BitmapLayout,
-    alignment: int = MAPPED_RAM_ALIGNMENT,
-) -> BlockPlace:
-    """mapped_ram_setup_ramblock: header after the entry, bitmap after the header,
-    pages at the next ``alignment`` boundary after the bitmap."""
-    header_offset = entry_offset + 1 + len(name.encode()) + S.RamWord.sizeof()
-    bitmap_offset = header_offset + S.MAPPED_RAM_HEADER_SIZE
-    bitmap_size = layout.size(used_length // page_size)
-    pages_offset = round_up(bitmap_offset + bitmap_size, alignment)
-    return BlockPlace(
-        name, used_length, page_size, entry_offset, header_offset, bitmap_offset, bitmap_size, pages_offset
-    )
 
 
 class StreamEncoder:

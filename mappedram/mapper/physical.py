@@ -19,12 +19,13 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 from ..errors import FormatError
 from .blocks import RamBlock
+from .copy_plan import GAP, copy_plan, copy_range
 from .output import output_file
-from .restore import _copy_range
+from .snapshot import Snapshot
 
 VGA_WINDOW = (0xA0000, 0xC0000)
 FOUR_GIB = 1 << 32
@@ -60,7 +61,7 @@ class PhysicalView:
     """Read guest-physical memory of a snapshot: ``view.read(addr, n)``."""
 
     def __init__(
-        self, snapshot: Any, *, below_4g_size: int | None = None, extra: Mapping[str, int] | None = None
+        self, snapshot: Snapshot, *, below_4g_size: int | None = None, extra: Mapping[str, int] | None = None
     ) -> None:
         self.snapshot = snapshot
         ram = snapshot.block(MAIN_RAM)
@@ -147,14 +148,15 @@ def export_elf(
         done = 0
         for region, off in zip(regions, offsets):
             block = view.snapshot.block(region.block)
-            ps = block.page_size
-            first, last = region.offset // ps, (region.offset + region.size) // ps
-            for ext in block.extents():
-                lo, hi = max(ext.first_page, first), min(ext.first_page + ext.count, last)
-                if lo < hi:
-                    src = ext.file_offset + (lo - ext.first_page) * ps
-                    _copy_range(view.snapshot.fd, fd, src, off + lo * ps - region.offset, (hi - lo) * ps)
-                    copied += (hi - lo) * ps
+            plan = copy_plan(block.extent_arrays(), block.page_size, region.offset, region.offset + region.size)
+            for steps in plan:
+                for dest, length, src in steps:
+                    if src == GAP:
+                        continue  # a hole of the sparse segment
+                    copy_range(view.snapshot.fd, fd, src, off + dest - region.offset, length)
+                    copied += length
+                    if progress:
+                        progress(done + dest + length - region.offset, total)
             done += region.size
             if progress:
                 progress(done, total)

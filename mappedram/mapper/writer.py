@@ -26,9 +26,10 @@ import numpy as np
 
 from ..formats.bitmap import LITTLE_ENDIAN_64, BitmapLayout
 from ..formats.constants import CAP_MAPPED_RAM, MAPPED_RAM_ALIGNMENT, QEVM_MAGIC
+from ..formats.layout import BlockPlace
 from ..formats.policy import POLICIES, Event, Mode, ModePolicy, Sync
 from .channels import check_count, pwrite_all
-from .encoder import BlockPlace, DeviceState, StreamComposer
+from .encoder import DeviceState, StreamComposer
 from .output import OutputFile, reraise_naming
 from .pagesink import ChannelHook, PageSink, Slots
 from .tracking import DigestTracking, ManualTracking, Tracker

@@ -1,0 +1,170 @@
+"""The start of a snapshot file: libvirt's header, where the QEMU stream starts, the QEVM
+header and the configuration section (machine, capabilities, page bits, uuid).
+
+Read forward through a cursor, so a forward-only source serves it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import FormatError
+from ..formats import structs as S
+from ..formats.constants import (
+    LIBVIRT_MAGIC_DONE,
+    LIBVIRT_MAGIC_PARTIAL,
+    LIBVIRT_VERSION,
+    QEVM_VERSION,
+    QEVM_VERSION_COMPAT,
+    SUB_CAPABILITIES,
+    SUB_TARGET_PAGE_BITS,
+    SUB_UUID,
+    SectionType,
+)
+from ..formats.layout import field_offsets
+from ..formats.policy import compressed_image, libvirt_data_problem, libvirt_format_problem
+from .elements import Problem
+from .source import Cursor
+
+STREAM_PROBE_LIMIT = 1 << 20
+_MAGIC = len(LIBVIRT_MAGIC_DONE)
+_LIBVIRT_FIELDS = field_offsets(S.LibvirtHeaderLE)  # where problems in its fields are reported
+LIBVIRT_FORMAT_AT = _LIBVIRT_FIELDS["format"]
+
+
+@dataclass(frozen=True)
+class LibvirtHeader:
+    """virQEMUSaveHeader in front of the QEMU stream (FORMAT.md §7)."""
+
+    complete: bool  # "LibvirtQemudSave"; False for "LibvirtQemudPart"
+    byteorder: str
+    version: int
+    data_len: int
+    was_running: int
+    format: str
+    cookie_offset: int
+
+    @property
+    def stream_start(self) -> int:
+        return S.LIBVIRT_HEADER_SIZE + self.data_len
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """The configuration section (FORMAT.md §1.3); all empty when the stream has none."""
+
+    machine_type: str | None = None
+    capabilities: tuple[str, ...] = ()
+    target_page_bits: int | None = None
+    uuid: str | None = None
+
+
+@dataclass(frozen=True)
+class Prologue:
+    libvirt: LibvirtHeader | None
+    stream_start: int  # offset of the QEVM magic
+    version: int
+    configuration: Configuration
+    problems: tuple[Problem, ...]
+
+
+def read_prologue(cursor: Cursor, explicit_start: bool) -> Prologue:
+    """Read from ``cursor.pos``: the stream's start when ``explicit_start``, else the file's
+    start (a libvirt header, or the first QEVM magic in the first MiB). Leaves the cursor
+    on the first section."""
+    libvirt = None if explicit_start else _libvirt_header(cursor)
+    if not explicit_start and libvirt is None:
+        _probe_stream_start(cursor)
+    stream_start = cursor.pos
+    header = cursor.parse(S.QevmHeader, "the QEVM magic (a QEMU migration stream)")
+    if header.version != QEVM_VERSION:
+        found = "the obsolete v2" if header.version == QEVM_VERSION_COMPAT else str(header.version)
+        raise FormatError(cursor.pos - 4, f"stream version {QEVM_VERSION}", found)
+    configuration = Configuration()
+    if cursor.byte("the configuration section or a section") == SectionType.CONFIGURATION:
+        configuration = _configuration(cursor)
+    problems = [] if libvirt is None else _libvirt_problems(libvirt)
+    return Prologue(libvirt, stream_start, header.version, configuration, tuple(problems))
+
+
+def _libvirt_problems(libvirt: LibvirtHeader) -> list[Problem]:
+    """What libvirt's qemuSaveImageOpen would refuse in a header it could read."""
+    problems = []
+    if not libvirt.complete:
+        problems.append(Problem(0, "expected a complete libvirt save (LibvirtQemudSave), found LibvirtQemudPart"))
+    if why := libvirt_format_problem(libvirt.format):
+        problems.append(Problem(LIBVIRT_FORMAT_AT, f"expected {why}"))
+    if why := libvirt_data_problem(libvirt.data_len, libvirt.cookie_offset):
+        problems.append(Problem(_LIBVIRT_FIELDS["data_len"], f"expected {why}"))
+    return problems
+
+
+def _libvirt_header(cursor: Cursor) -> LibvirtHeader | None:
+    if cursor.size < _MAGIC:
+        return None
+    buf, _ = cursor.window(cursor.pos, _MAGIC)
+    if buf[:_MAGIC] not in (LIBVIRT_MAGIC_DONE, LIBVIRT_MAGIC_PARTIAL):
+        return None
+    raw_bytes = cursor.read(S.LIBVIRT_HEADER_SIZE, "the libvirt save header")
+    raw = S.LibvirtHeaderLE.parse(raw_bytes)
+    byteorder = "little"
+    if raw.version > LIBVIRT_VERSION:  # written on a host of the other byte order
+        raw = S.LibvirtHeaderBE.parse(raw_bytes)
+        byteorder = "big"
+    if raw.version != LIBVIRT_VERSION:
+        raise FormatError(16, f"libvirt save header version {LIBVIRT_VERSION}", str(raw.version))
+    header = LibvirtHeader(
+        complete=raw.magic == LIBVIRT_MAGIC_DONE,
+        byteorder=byteorder,
+        version=raw.version,
+        data_len=raw.data_len,
+        was_running=raw.was_running,
+        format=str(raw.format),
+        cookie_offset=raw.cookie_offset,
+    )
+    start = header.stream_start
+    if start + 8 > cursor.size:
+        raise FormatError(
+            start,
+            "the QEMU stream behind the libvirt header (92 + data_len) (8 bytes) inside the file",
+            f"the file ends at {cursor.size:#x}",
+        )
+    cursor.skip_to(start, "the libvirt header's data")
+    buf, base = cursor.window(start, 16)
+    compressor = compressed_image(header.format, buf[start - base : start - base + 16])
+    if compressor:
+        raise FormatError(
+            start,
+            f"an uncompressed QEMU stream; this libvirt image is {compressor}-compressed, "
+            "which mappedram cannot read yet",
+            f"the {compressor} magic",
+        )
+    return header
+
+
+def _probe_stream_start(cursor: Cursor) -> None:
+    """A ``file:PATH,offset=N`` save keeps whatever the management tool put in front;
+    look for the QEVM v3 magic in the first MiB (an explicit offset skips this)."""
+    buf, base = cursor.window(cursor.pos, min(cursor.size - cursor.pos, STREAM_PROBE_LIMIT))
+    at = buf.find(S.QevmHeader.build({"version": QEVM_VERSION}), cursor.pos - base, STREAM_PROBE_LIMIT)
+    if at > 0:
+        cursor.skip_to(base + at, "the bytes in front of the stream")
+
+
+def _configuration(cursor: Cursor) -> Configuration:
+    head = cursor.parse(S.ConfigurationHead, "the configuration section (machine name)")
+    capabilities: tuple[str, ...] = ()
+    target_page_bits = uuid = None
+    while cursor.byte("a configuration subsection or a section") == SectionType.SUBSECTION:
+        sub = cursor.parse(S.ConfigSubsection, "a known configuration subsection")
+        name = sub.head.name
+        if name == SUB_CAPABILITIES:
+            capabilities = tuple(sub.body.names)
+        elif name == SUB_TARGET_PAGE_BITS:
+            bits = sub.body.bits
+            if not 9 <= bits <= 30:
+                raise FormatError(cursor.pos - 4, "target page bits between 9 and 30", str(bits))
+            target_page_bits = bits
+        elif name == SUB_UUID:
+            uuid = sub.body.uuid.hex()
+    return Configuration(head.machine, capabilities, target_page_bits, uuid)

@@ -1,0 +1,279 @@
+"""The RAM section's payload, one reader per mode (FORMAT.md §2-§3).
+
+The opening (START) payload is the MEM_SIZE word and the block list; what follows
+until EOS depends on the mode's policy: under mapped-ram only EOS words (the pages are
+at the offsets the block headers give), in a classic stream PAGE/ZERO records, which
+the walker indexes here as it passes them.
+"""
+
+from __future__ import annotations
+
+import struct
+from abc import ABC, abstractmethod
+from array import array
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import FormatError
+from ..formats import structs as S
+from ..formats.bitmap import BitmapLayout
+from ..formats.constants import MAPPED_RAM_VERSION, RamFlag
+from ..formats.layout import HEADER_FIELDS, HEADER_SIZE, parsed_place
+from ..formats.policy import ModePolicy, block_in_file
+from .blocks import MappedRamBlock, RamBlock, StreamRamBlock
+from .elements import Problem
+from .source import Cursor, Source
+
+_WORD = S.RamWord.sizeof()
+_RECORD_HEAD = _WORD + 1 + 255 + 1  # a word, a block name, a zero page's fill byte
+_PAGE_OR_ZERO = RamFlag.PAGE | RamFlag.ZERO
+_KNOWN_FLAGS = int(sum(RamFlag))
+
+
+class PageIndex:
+    """Where a classic stream's pages are, built by the walker as it passes the records.
+
+    Per block two int64 arrays in stream order: page numbers, and the file offset of the
+    page's data (-1 for a ZERO record): 16 bytes a record, no Python object per page.
+    A block asks for its index through ``pages(name)``, which first lets the walk reach
+    EOF (``complete``), then keeps the last record of each page that holds data.
+    """
+
+    def __init__(self, complete: Callable[[], None]) -> None:
+        self._complete = complete
+        self._records: dict[str, tuple[array, array]] = {}
+
+    def log(self, name: str) -> tuple[array, array]:
+        """The arrays the walker appends ``name``'s records to."""
+        return self._records.setdefault(name, (array("q"), array("q")))
+
+    def pages(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(page numbers, file offsets) of the pages the stream holds, sorted by page."""
+        self._complete()
+        pages_log, offsets_log = self._records.get(name, (array("q"), array("q")))
+        pages = np.frombuffer(pages_log, dtype=np.int64)
+        offsets = np.frombuffer(offsets_log, dtype=np.int64)
+        last = len(pages) - 1 - np.unique(pages[::-1], return_index=True)[1]  # sorted by page
+        keep = last[offsets[last] >= 0]
+        return pages[keep], offsets[keep]
+
+
+class RamSectionReader(ABC):
+    """Reads the RAM section's payloads for one mode; holds the blocks it found."""
+
+    def __init__(
+        self,
+        src: Source,
+        policy: ModePolicy,
+        page_size: int,
+        problems: list[Problem],
+        *,
+        ignore_shared: bool,
+    ) -> None:
+        self.src = src
+        self.policy = policy
+        self.page_size = page_size
+        self.problems = problems
+        self.ignore_shared = ignore_shared
+        self.blocks: dict[str, RamBlock] = {}
+        self.total: int | None = None  # MEM_SIZE
+        self._verdicts: dict[int, str | None] = {}
+
+    def opening(self, cursor: Cursor) -> None:
+        """MEM_SIZE and the block list, then the rest of the START payload."""
+        at = cursor.pos
+        (word,) = struct.unpack(">Q", cursor.read(_WORD, "the RAM MEM_SIZE word"))
+        if self.policy.word_problem(word & (self.page_size - 1)) or not word & RamFlag.MEM_SIZE:
+            raise FormatError(at, "the MEM_SIZE word (flag 0x04) opening the RAM section", f"{word:#x}")
+        self.total = word & ~(self.page_size - 1)
+        remaining = self.total
+        while remaining > 0:
+            entry_offset = cursor.pos
+            entry = cursor.parse(
+                S.RamBlockEntry,
+                f"RAM block entry {len(self.blocks)} (u8 idlen, idstr, be64 used_length)",
+                mapped_ram=self.policy.block_has_mapped_ram_header,
+                ignore_shared=self.ignore_shared,
+            )
+            if entry.idstr in self.blocks:
+                raise FormatError(entry_offset, "a RAM block name not seen before", repr(entry.idstr))
+            block = self._block(entry, entry_offset, cursor)
+            if entry.used_length % block.page_size:
+                self.problems.append(
+                    Problem(
+                        entry_offset,
+                        f"expected block {entry.idstr!r}'s used_length to be a multiple "
+                        f"of the page size {block.page_size}, found {entry.used_length}",
+                    )
+                )
+            self.blocks[entry.idstr] = block
+            remaining -= entry.used_length  # verify reports a sum past MEM_SIZE
+        self.payload(cursor)
+
+    @abstractmethod
+    def payload(self, cursor: Cursor) -> None:
+        """A PART/END payload, or the START payload after the block list: words until EOS."""
+
+    @abstractmethod
+    def _block(self, entry: Any, entry_offset: int, cursor: Cursor) -> RamBlock:
+        """The block of a parsed entry; leaves the cursor where the stream resumes."""
+
+    def _verdict(self, flags: int) -> str | None:
+        """The policy's objection to a RAM word's flags, asked once per flags value (the
+        record loop runs per page); values past every known flag are not kept."""
+        if flags in self._verdicts:
+            return self._verdicts[flags]
+        why = self.policy.later_word_problem(flags)
+        if flags <= _KNOWN_FLAGS:
+            self._verdicts[flags] = why
+        return why
+
+    def _word_problem(self, at: int, word: int, flags: int) -> FormatError:
+        return FormatError(at, self._verdict(flags) or "a RAM word", f"word {word:#x}")
+
+
+class MappedRamSectionReader(RamSectionReader):
+    """Blocks with a MappedRamHeader; the payloads hold only EOS words."""
+
+    def __init__(
+        self,
+        src: Source,
+        policy: ModePolicy,
+        page_size: int,
+        problems: list[Problem],
+        *,
+        ignore_shared: bool,
+        page_size_settled: bool,
+        bitmap_layout: BitmapLayout,
+    ) -> None:
+        super().__init__(src, policy, page_size, problems, ignore_shared=ignore_shared)
+        self.page_size_settled = page_size_settled
+        self.bitmap_layout = bitmap_layout
+
+    def _block(self, entry: Any, entry_offset: int, cursor: Cursor) -> RamBlock:
+        hdr = entry.mapped_ram
+        header_offset = cursor.pos - HEADER_SIZE
+        name = entry.idstr
+        if hdr.version > MAPPED_RAM_VERSION or hdr.version == 0:
+            raise FormatError(
+                header_offset, f"mapped-ram header version {MAPPED_RAM_VERSION} for {name!r}", str(hdr.version)
+            )
+        ps = hdr.page_size
+        if ps < 512 or ps & (ps - 1) or ps > 1 << 30:
+            raise FormatError(
+                header_offset + HEADER_FIELDS["page_size"], f"a power-of-two page size for {name!r}", str(ps)
+            )
+        place = parsed_place(name, entry.used_length, entry_offset, header_offset, hdr, self.bitmap_layout)
+        if not self.blocks and not self.page_size_settled:
+            self.page_size = ps  # the first header settles a page size nothing else gave
+        in_file = block_in_file(self.ignore_shared, place.bitmap_offset, place.pages_offset)
+        block = MappedRamBlock(self.src, place, hdr.version, entry.addr, self.bitmap_layout, in_file)
+        if not in_file:
+            return block  # a shared block: nothing reserved, the stream goes on here
+        self.src.require(place.bitmap_offset, place.bitmap_size, f"the bitmap of {name!r}")
+        self.src.require(place.pages_offset, place.used_length, f"the page region of {name!r}")
+        if place.resume_offset <= cursor.pos:
+            raise FormatError(
+                place.field_offset("pages_offset"),
+                f"a page region of {name!r} after its header, so that the stream resumes past {cursor.pos:#x}",
+                f"it resumes at {place.resume_offset:#x}",
+            )
+        cursor.skip_to(place.resume_offset, f"the page region of {name!r}")
+        return block
+
+    def payload(self, cursor: Cursor) -> None:
+        mask, eos = self.page_size - 1, int(RamFlag.EOS)
+        while True:
+            at = cursor.pos
+            (word,) = struct.unpack(">Q", cursor.read(_WORD, "a RAM word (flags in the low bits)"))
+            flags = word & mask
+            if self._verdict(flags):
+                raise self._word_problem(at, word, flags)
+            if flags & eos:
+                return
+
+
+class StreamRamSectionReader(RamSectionReader):
+    """Blocks of a classic stream; the payloads hold PAGE/ZERO records, indexed here."""
+
+    def __init__(
+        self,
+        src: Source,
+        policy: ModePolicy,
+        page_size: int,
+        problems: list[Problem],
+        *,
+        ignore_shared: bool,
+        index: PageIndex,
+    ) -> None:
+        super().__init__(src, policy, page_size, problems, ignore_shared=ignore_shared)
+        self.index = index
+        self._current: str | None = None  # the block a CONTINUE record refers to
+
+    def _block(self, entry: Any, entry_offset: int, cursor: Cursor) -> RamBlock:
+        return StreamRamBlock(
+            self.src, entry.idstr, entry.used_length, self.page_size, entry_offset, entry.addr, self.index
+        )
+
+    def payload(self, cursor: Cursor) -> None:
+        """Walk PAGE/ZERO/CONTINUE records until EOS (the hot loop of stream files)."""
+        pos = cursor.pos
+        buf, base = b"", pos  # the cursor's window: records are read from it, never mapped
+        size, page_size, mask = cursor.size, self.page_size, self.page_size - 1
+        unpack = struct.Struct(">Q").unpack_from
+        verdict, known = self._verdict, self._verdicts
+        # plain ints: an IntFlag operation costs microseconds, this loop runs per record
+        eos, page_or_zero, cont, page_flag = (
+            int(f) for f in (RamFlag.EOS, _PAGE_OR_ZERO, RamFlag.CONTINUE, RamFlag.PAGE)
+        )
+        block_name = self._current
+        records = None if block_name is None else self.index.log(block_name)
+        num_pages = 0 if block_name is None else self.blocks[block_name].num_pages
+        while True:
+            if pos + _WORD > size:
+                raise FormatError(pos, "a RAM word", "the end of the file")
+            if pos + _RECORD_HEAD > base + len(buf):
+                buf, base = cursor.window(pos, min(size - pos, _RECORD_HEAD))
+            (word,) = unpack(buf, pos - base)
+            flags = word & mask
+            if (known[flags] if flags in known else verdict(flags)) is not None:
+                raise self._word_problem(pos, word, flags)
+            pos += _WORD
+            if flags & eos:
+                self._current = block_name
+                cursor.skip_to(pos, "the RAM section")
+                return
+            if not flags & page_or_zero:
+                continue  # MULTIFD_FLUSH: nothing follows
+            if not flags & cont:
+                if pos >= size:
+                    raise FormatError(pos, "a block name", "the end of the file")
+                length = buf[pos - base]
+                if pos + 1 + length > size:
+                    raise FormatError(pos, f"a block name of {length} bytes", "the end of the file")
+                block_name = buf[pos - base + 1 : pos - base + 1 + length].decode("utf-8", "replace")
+                if block_name not in self.blocks:
+                    raise FormatError(pos, "the name of a RAM block from the block list", repr(block_name))
+                records = self.index.log(block_name)
+                num_pages = self.blocks[block_name].num_pages
+                pos += 1 + length
+            elif records is None:
+                raise FormatError(pos - _WORD, "a block name (CONTINUE on the first page record)", f"word {word:#x}")
+            page = (word & ~mask) // page_size
+            if page >= num_pages:
+                raise FormatError(pos - _WORD, f"a page inside block {block_name!r}", f"address {word & ~mask:#x}")
+            if flags & page_flag:
+                if pos + page_size > size:
+                    raise FormatError(pos, f"{page_size} bytes of page data", "the end of the file")
+                records[0].append(page)
+                records[1].append(pos)
+                pos += page_size
+            else:
+                if pos >= size:
+                    raise FormatError(pos, "the fill byte of a zero page", "the end of the file")
+                if buf[pos - base] != 0:
+                    raise FormatError(pos, "a zero page fill byte of 0", f"{buf[pos - base]:#04x}")
+                records[0].append(page)
+                records[1].append(-1)
+                pos += 1
