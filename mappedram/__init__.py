@@ -7,7 +7,9 @@ from .mapper.blocks import MappedRamBlock, RamBlock, StreamRamBlock
 from .mapper.convert import convert
 from .mapper.physical import PhysicalView, export_elf
 from .mapper.restore import extract, restore, restore_into
-from .mapper.snapshot import Snapshot, open
+from .mapper.forward import ForwardSnapshot
+from .mapper.forward import open_image as open
+from .mapper.snapshot import Snapshot
 from .mapper.verify import Report, verify
 from .mapper.writer import DeviceState, SnapshotWriter
 
@@ -19,6 +21,7 @@ __all__ = [
     "BitmapLayout",
     "DeviceState",
     "FormatError",
+    "ForwardSnapshot",
     "MappedRamBlock",
     "Mode",
     "RamBlock",

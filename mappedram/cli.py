@@ -18,9 +18,9 @@ from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
 from .mapper.blocks import not_in_file
 from .mapper.channels import MAX_CHANNELS, check_count
 from .mapper.convert import convert
+from .mapper.forward import open_image
 from .mapper.physical import PhysicalView, export_elf
 from .mapper.restore import extract
-from .mapper.snapshot import Snapshot
 from .mapper.verify import verify
 from .progress import ProgressBar, human
 
@@ -223,7 +223,7 @@ def _print_dump(info: dict[str, Any]) -> None:
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
-    with Snapshot(args.file, **_open_args(args)) as snap:
+    with open_image(args.file, **_open_args(args)) as snap:
         info = snap.describe(sections=not args.no_sections)
         info["problems"] = [{"offset": p.offset, "message": p.text} for p in snap.problems]
     if args.json:
@@ -255,7 +255,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    with Snapshot(args.file, **_open_args(args)) as snap:
+    with open_image(args.file, **_open_args(args)) as snap:
         if args.block not in snap.blocks:
             print(
                 f"mappedram: no RAM block {args.block!r} in {args.file}; blocks: {', '.join(snap.blocks)}",
@@ -296,7 +296,7 @@ def _cmd_export_elf(args: argparse.Namespace) -> int:
             print(f"mappedram: --map takes BLOCK=ADDR, not {item!r}", file=sys.stderr)
             return EXIT_UNREADABLE
         extra[name] = int(addr, 0)
-    with Snapshot(args.file, **_open_args(args)) as snap:
+    with open_image(args.file, **_open_args(args)) as snap:
         try:
             view = PhysicalView(snap, below_4g_size=args.below_4g, extra=extra)
         except (KeyError, ValueError) as err:

@@ -24,6 +24,7 @@ from typing import Callable, Mapping
 from ..errors import FormatError
 from .blocks import RamBlock
 from .copy_plan import GAP, copy_plan, copy_range
+from .forward import ForwardSnapshot, copy_regions_forward
 from .output import output_file
 from .snapshot import Snapshot
 
@@ -145,6 +146,8 @@ def export_elf(
         os.ftruncate(fd, pos)
         os.pwrite(fd, header, 0)
         total = sum(r.size for r in regions)
+        if isinstance(view.snapshot, ForwardSnapshot):  # one pass places every page
+            return copy_regions_forward(view.snapshot, fd, list(zip(regions, offsets)), progress)
         done = 0
         for region, off in zip(regions, offsets):
             block = view.snapshot.block(region.block)

@@ -68,13 +68,36 @@ class Prologue:
     problems: tuple[Problem, ...]
 
 
+class CompressedImage(FormatError):
+    """A libvirt image whose stream is compressed: it reads only forward (forward.py)."""
+
+    def __init__(self, header: LibvirtHeader, compressor: str) -> None:
+        super().__init__(
+            header.stream_start,
+            "a QEMU stream readable at any offset; this libvirt image is "
+            f"{compressor}-compressed and reads in one forward pass: open it with mappedram.open(), "
+            "or use the commands dump, verify, extract, export-elf, convert",
+            f"the {compressor} magic",
+        )
+        self.header = header
+        self.compressor = compressor
+
+
 def read_prologue(cursor: Cursor, explicit_start: bool) -> Prologue:
     """Read from ``cursor.pos``: the stream's start when ``explicit_start``, else the file's
     start (a libvirt header, or the first QEVM magic in the first MiB). Leaves the cursor
-    on the first section."""
+    on the first section. A compressed libvirt image raises CompressedImage."""
     libvirt = None if explicit_start else _libvirt_header(cursor)
+    if libvirt is not None and (compressor := _compressor(cursor, libvirt)):
+        raise CompressedImage(libvirt, compressor)
     if not explicit_start and libvirt is None:
         _probe_stream_start(cursor)
+    return read_stream_prologue(cursor, libvirt)
+
+
+def read_stream_prologue(cursor: Cursor, libvirt: LibvirtHeader | None) -> Prologue:
+    """The QEVM header and the configuration from ``cursor.pos`` (behind ``libvirt``, if
+    any: a decompressed stream's cursor starts where the raw image's stream would)."""
     stream_start = cursor.pos
     header = cursor.parse(S.QevmHeader, "the QEVM magic (a QEMU migration stream)")
     if header.version != QEVM_VERSION:
@@ -130,16 +153,21 @@ def _libvirt_header(cursor: Cursor) -> LibvirtHeader | None:
             f"the file ends at {cursor.size:#x}",
         )
     cursor.skip_to(start, "the libvirt header's data")
-    buf, base = cursor.window(start, 16)
-    compressor = compressed_image(header.format, buf[start - base : start - base + 16])
-    if compressor:
-        raise FormatError(
-            start,
-            f"an uncompressed QEMU stream; this libvirt image is {compressor}-compressed, "
-            "which mappedram cannot read yet",
-            f"the {compressor} magic",
-        )
     return header
+
+
+def _compressor(cursor: Cursor, header: LibvirtHeader) -> str | None:
+    """The compressor's name when the header says so and its magic is there."""
+    start = header.stream_start
+    buf, base = cursor.window(start, 16)
+    return compressed_image(header.format, buf[start - base : start - base + 16])
+
+
+def read_libvirt(cursor: Cursor) -> tuple[LibvirtHeader | None, str | None]:
+    """The libvirt header at the cursor (or None) and the compressor of the stream behind
+    it (or None); leaves the cursor at the stream's start."""
+    header = _libvirt_header(cursor)
+    return header, None if header is None else _compressor(cursor, header)
 
 
 def _probe_stream_start(cursor: Cursor) -> None:

@@ -231,10 +231,11 @@ class StreamRamSectionReader(RamSectionReader):
         records = None if block_name is None else self.index.log(block_name)
         num_pages = 0 if block_name is None else self.blocks[block_name].num_pages
         while True:
-            if pos + _WORD > size:
-                raise FormatError(pos, "a RAM word", "the end of the file")
             if pos + _RECORD_HEAD > base + len(buf):
                 buf, base = cursor.window(pos, min(size - pos, _RECORD_HEAD))
+                size = cursor.size  # a decompressed stream learns its end as it is read
+            if pos + _WORD > size:
+                raise FormatError(pos, "a RAM word", "the end of the file")
             (word,) = unpack(buf, pos - base)
             flags = word & mask
             if (known[flags] if flags in known else verdict(flags)) is not None:

@@ -9,10 +9,10 @@ import numpy as np
 
 from .blocks import Progress, new_buffer, not_in_file
 from .copy_plan import GAP, copy_plan, copy_range
+from .forward import ForwardSnapshot, extract_forward, open_image
 from .output import output_file
 from .parallel_load import RestoreStats
 from .snapshot import Snapshot
-from .snapshot import open as open_snapshot
 
 
 def restore_into(
@@ -32,7 +32,7 @@ def restore(
     path: str | os.PathLike[str], *, channels: int = 4, blocks: list[str] | None = None, **open_args: Any
 ) -> dict[str, np.ndarray]:
     """Every block (or the named ones) of a snapshot as fresh numpy uint8 arrays."""
-    with open_snapshot(path, **open_args) as snap:
+    with open_image(path, **open_args) as snap:
         names = blocks if blocks is not None else list(snap.blocks)
         out = {name: new_buffer(name, snap.block(name).used_length) for name in names}
         snap.restore_into(out, channels=channels, zero_fill=False)
@@ -54,6 +54,8 @@ def extract(
     block = snapshot.block(name)
     if not block.in_file:
         raise ValueError(not_in_file(block))
+    if isinstance(snapshot, ForwardSnapshot):
+        return extract_forward(snapshot, name, out_path, overwrite=overwrite, progress=progress)
     done = 0
     with output_file(out_path, overwrite=overwrite, source_fd=snapshot.fd) as fd:
         os.ftruncate(fd, block.used_length)

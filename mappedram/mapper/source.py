@@ -23,7 +23,11 @@ from ..errors import FormatError
 # costs one pread per MiB, small enough to be nothing next to the file.
 CURSOR_WINDOW = 1 << 20
 
-Fetch = Callable[[int, int], bytes]  # (offset, length) -> exactly that many bytes, or FormatError
+# (offset, length) -> that many bytes; fewer only where the data ends (a forward-only
+# source: the cursor learns its size so), or FormatError
+Fetch = Callable[[int, int], bytes]
+# The size of a forward-only source until its end is read: no offset reaches it.
+UNKNOWN_SIZE = 1 << 62
 
 
 def _construct_reason(err: ConstructError) -> str:
@@ -98,14 +102,24 @@ def read_exact(fd: int, view: memoryview, offset: int, what: str) -> None:
 
 class Cursor:
     """Forward reads from ``pos`` through a read-ahead window (``fetch`` is only ever
-    asked for offsets that do not go back past what the walker has consumed)."""
+    asked for offsets that do not go back past what the walker has consumed).
 
-    def __init__(self, fetch: Fetch, size: int, pos: int) -> None:
+    ``size`` may be UNKNOWN_SIZE (a decompressed stream): the first fetch that comes
+    back short sets it, so every bound checked after a window holds the real end.
+    ``record_from``/``recorded`` keep the bytes of one element while it is walked (a
+    forward-only source cannot read them again).
+    """
+
+    def __init__(self, fetch: Fetch, size: int, pos: int, record_limit: int = 0) -> None:
         self._fetch = fetch
         self.size = size
         self.pos = pos
         self._buf = b""
         self._base = pos
+        self._record_limit = record_limit
+        self._recording: list[bytes] | None = None
+        self._record_at = 0  # the first byte not yet in _recording
+        self._record_size = 0
 
     def window(self, pos: int, need: int) -> tuple[bytes, int]:
         """(buffer, its file offset) holding [pos, pos + need), or up to the end of the file."""
@@ -114,12 +128,44 @@ class Cursor:
             return buf, base
         if pos < base:
             raise ValueError("a cursor only moves forward")
+        if self._recording is not None:
+            self._keep(buf[self._record_at - base : pos - base] if pos <= base + len(buf) else None)
+            self._record_at = pos
         keep = buf[pos - base :] if pos < base + len(buf) else b""
         start = pos + len(keep)
         want = min(self.size, pos + max(need, CURSOR_WINDOW)) - start
-        self._buf = keep + (self._fetch(start, want) if want > 0 else b"")
+        got = self._fetch(start, want) if want > 0 else b""
+        if len(got) < want:  # only a forward-only source ends early: now its size is known
+            self.size = start + len(got)
+        if pos > self.size:
+            raise FormatError(self.size, f"{pos - self.size} more bytes", "the end of the stream")
+        self._buf = keep + got
         self._base = pos
         return self._buf, pos
+
+    def record_from(self, pos: int) -> None:
+        """Keep the bytes from ``pos`` (in the window) on, until ``recorded``."""
+        if not self._base <= pos <= self._base + len(self._buf):
+            raise ValueError("recording starts inside the window")
+        self._recording, self._record_at, self._record_size = [], pos, 0
+
+    def recorded(self, end: int) -> bytes | None:
+        """The bytes from ``record_from``'s offset to ``end`` (passed by now), or None when
+        they were more than the cursor's ``record_limit``; stops recording."""
+        buf, base = self._buf, self._base
+        self._keep(buf[self._record_at - base : end - base])
+        kept, self._recording = self._recording, None
+        return None if kept is None or self._record_size > self._record_limit else b"".join(kept)
+
+    def _keep(self, data: bytes | None) -> None:
+        if self._recording is None:
+            return
+        if data is None or self._record_size + len(data) > self._record_limit:
+            self._record_size = self._record_limit + 1  # over the limit, or bytes skipped unread
+            self._recording.clear()
+            return
+        self._recording.append(data)
+        self._record_size += len(data)
 
     def require(self, length: int, what: str) -> None:
         """Raise unless ``length`` bytes from ``pos`` lie inside the file."""

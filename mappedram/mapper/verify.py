@@ -16,6 +16,7 @@ from ..formats.constants import RAM_IDSTR
 from .blocks import MappedRamBlock, RamBlock
 from .copy_plan import GAP, copy_plan, zero_chunks
 from .elements import Problem
+from .forward import ForwardSnapshot, InOrderHashes, open_image
 from .snapshot import Snapshot
 from .source import read_exact
 
@@ -56,14 +57,21 @@ def verify(
     """
     report = Report(os.fspath(path))
     try:
-        snap = Snapshot(path, **open_args)
+        snap = open_image(path, progress=progress if hash_blocks else None, **open_args)
     except FormatError as err:
         report.problems.append(Problem(err.offset, _expected(err)))
         return report
     with snap:
         try:
+            forward = InOrderHashes(list(snap)) if hash_blocks and isinstance(snap, ForwardSnapshot) else None
+            if forward is not None:
+                snap.consume(forward)  # the image's one pass, before the checks walk it
             _check(snap, report)
-            if hash_blocks and not report.problems:
+            if forward is not None and not report.problems:
+                hashes, notes = forward.results(snap.blocks)
+                report.hashes.update(hashes)
+                report.notes += notes
+            elif hash_blocks and not report.problems:
                 total = sum(b.used_length for b in snap if b.in_file)
                 done = 0
                 for block in snap:

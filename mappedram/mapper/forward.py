@@ -1,0 +1,603 @@
+"""A compressed libvirt image, read in one forward pass: ``mappedram.open(path)``.
+
+libvirt compresses only classic streams, so everything sits in the stream in order:
+the block list, the page records, the device sections, EOF, the VM description.
+``ForwardSnapshot`` walks it once through a decompressing cursor (decompress.py), with
+the same walker and RAM reader as any classic stream; the page records' data goes to
+the one consumer given to ``consume()`` as the records pass (extract, restore, hashes,
+convert), and each block keeps one bit per page (``PageBits``: which pages hold data),
+so memory follows a bitmap of the guest, never the guest.
+
+What works forward only: the metadata (dump: blocks, populated pages, sections, the
+VM description), verify and its hashes, extract, restore, convert. Reading a page by
+number, a block's extents or raw file bytes needs random access and raises FormatError
+naming what to use instead. A second pass over the data needs the image opened again.
+Device sections are delimited by their footers (the description that sizes them comes
+after them), and kept in memory (at most DEVICE_STATE_LIMIT) for convert.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+import numpy as np
+
+from ..errors import FormatError
+from ..formats import structs as S
+from ..formats.bitmap import LITTLE_ENDIAN_64
+from ..formats.constants import RAM_IDSTR, SectionType
+from ..formats.policy import policy_for
+from .blocks import Progress, RamBlock, StreamRamBlock
+from .channels import pwrite_all
+from .copy_plan import zero_chunks
+from .elements import Problem, Section
+from .output import output_file
+from .parallel_load import RestoreStats
+from .prologue import read_libvirt, read_stream_prologue
+from .ram_section import StreamRamSectionReader
+from .snapshot import DEFAULT_PAGE_SIZE, Snapshot
+from .source import UNKNOWN_SIZE, Cursor, Source
+from .vmdesc import VMDESC_SEARCH_LIMIT
+from .walker import StreamWalker
+
+__all__ = ["ForwardSnapshot", "PageConsumer", "open_image"]
+
+DEVICE_STATE_LIMIT = 256 << 20  # bytes of one non-RAM section kept for convert
+_RAM_NAME = RAM_IDSTR.encode()
+
+
+class PageConsumer(Protocol):
+    """Where a forward pass delivers the pages, in stream order (a later record of a page
+    overrides an earlier one)."""
+
+    def page(self, block: RamBlock, page: int, data: memoryview) -> None:
+        """A PAGE record: ``data`` is valid only during the call."""
+
+    def zero(self, block: RamBlock, page: int) -> None:
+        """A ZERO record for a page that held data before (a first ZERO record is not
+        delivered: the page is zero already)."""
+
+
+class PageBits:
+    """One bit per page, allocated in chunks only where the stream has pages."""
+
+    CHUNK_PAGES = 1 << 18  # 32 KiB of bits per GiB of 4 KiB pages
+
+    def __init__(self, num_pages: int) -> None:
+        self.num_pages = num_pages
+        self._chunks: dict[int, bytearray] = {}
+
+    def set(self, page: int) -> bool:
+        """Set ``page``'s bit; whether it was set."""
+        chunk = self._chunks.get(page // self.CHUNK_PAGES)
+        if chunk is None:
+            chunk = self._chunks[page // self.CHUNK_PAGES] = bytearray(self.CHUNK_PAGES // 8)
+        at, bit = divmod(page % self.CHUNK_PAGES, 8)
+        was = chunk[at] >> bit & 1
+        chunk[at] |= 1 << bit
+        return bool(was)
+
+    def clear(self, page: int) -> bool:
+        """Clear ``page``'s bit; whether it was set."""
+        chunk = self._chunks.get(page // self.CHUNK_PAGES)
+        if chunk is None:
+            return False
+        at, bit = divmod(page % self.CHUNK_PAGES, 8)
+        was = chunk[at] >> bit & 1
+        chunk[at] &= ~(1 << bit) & 0xFF
+        return bool(was)
+
+    def count(self) -> int:
+        return sum(int.from_bytes(c, "little").bit_count() for c in self._chunks.values())
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first page, bool array) in page order, only where bits may be set."""
+        for key in sorted(self._chunks):
+            first = key * self.CHUNK_PAGES
+            bits = np.unpackbits(np.frombuffer(self._chunks[key], dtype=np.uint8), bitorder="little")
+            yield first, bits[: max(0, min(self.CHUNK_PAGES, self.num_pages - first))].astype(bool)
+
+
+class _PageNumbers:
+    """What the record loop appends page numbers to: the feed keeps the last one."""
+
+    __slots__ = ("feed",)
+
+    def __init__(self, feed: "PageFeed") -> None:
+        self.feed = feed
+
+    def append(self, page: int) -> None:
+        self.feed.page_no = page
+
+
+class _PageOffsets:
+    """What the record loop appends data offsets to (-1: a ZERO record): the record is
+    handed on while its data is still in the cursor's window."""
+
+    __slots__ = ("feed", "block")
+
+    def __init__(self, feed: "PageFeed", block: "ForwardRamBlock") -> None:
+        self.feed, self.block = feed, block
+
+    def append(self, pos: int) -> None:
+        self.feed.record(self.block, pos)
+
+
+class PageFeed:
+    """The page index of a forward pass: takes the walker's records as they pass, keeps
+    the bits of the pages that hold data and hands the data to the consumer."""
+
+    def __init__(self, cursor: Cursor, complete: Any) -> None:
+        self.cursor = cursor
+        self.complete = complete  # walks to the end of the stream
+        self.consumer: PageConsumer | None = None
+        self.records = 0  # records seen without a consumer
+        self.page_no = 0
+        self.blocks: dict[str, ForwardRamBlock] = {}
+
+    def log(self, name: str) -> tuple[_PageNumbers, _PageOffsets]:
+        block = self.blocks[name]
+        return _PageNumbers(self), _PageOffsets(self, block)
+
+    def record(self, block: "ForwardRamBlock", pos: int) -> None:
+        page, consumer = self.page_no, self.consumer
+        if consumer is None:
+            self.records += 1
+        if pos < 0:
+            if block.bits.clear(page) and consumer is not None:
+                consumer.zero(block, page)
+            return
+        size = block.page_size
+        buf, base = self.cursor.window(pos, size)
+        at = pos - base
+        if len(buf) - at < size:
+            raise FormatError(pos, f"{size} bytes of page data", "the end of the stream")
+        block.bits.set(page)
+        if consumer is not None:
+            consumer.page(block, page, memoryview(buf)[at : at + size])
+
+    def pages(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        raise self.blocks[name].forward_only("a page index with file offsets")
+
+
+class ForwardRamBlock(StreamRamBlock):
+    """A block of a compressed image: which pages hold data, but no file offsets."""
+
+    def __init__(self, owner: "ForwardSnapshot", *args: Any) -> None:
+        super().__init__(*args)
+        self._owner = owner
+        self.bits = PageBits(self.num_pages)
+
+    def forward_only(self, what: str) -> FormatError:
+        return self._owner.forward_only(what)
+
+    @property
+    def index(self) -> tuple[np.ndarray, np.ndarray]:
+        raise self.forward_only("a page index with file offsets")
+
+    @property
+    def populated(self) -> int:
+        self._owner.walk_all()
+        return self.bits.count()
+
+    def present_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        self._owner.walk_all()
+        return self.bits.chunks()
+
+    def extent_arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        raise self.forward_only(f"the file offsets of block {self.name!r}'s pages")
+
+    def page_offset(self, index: int) -> int | None:
+        raise self.forward_only(f"page {index} of block {self.name!r}")
+
+    def read_into(self, out: Any, progress: Progress | None = None, zero_fill: bool = True) -> None:
+        self._owner.restore_into({self.name: out}, zero_fill=zero_fill, progress=progress)
+
+
+class _ForwardRamReader(StreamRamSectionReader):
+    def __init__(self, owner: "ForwardSnapshot", feed: PageFeed, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, index=feed, **kwargs)  # type: ignore[arg-type]
+        self._owner, self._feed = owner, feed
+
+    def _block(self, entry: Any, entry_offset: int, cursor: Cursor) -> RamBlock:
+        block = ForwardRamBlock(
+            self._owner, self.src, entry.idstr, entry.used_length, self.page_size, entry_offset, entry.addr, self._feed
+        )
+        self._feed.blocks[entry.idstr] = block
+        return block
+
+
+class _ForwardWalker(StreamWalker):
+    """The walker over a decompressed stream: keeps the bytes of non-RAM sections (they
+    cannot be read again) and reads the VM description forward after EOF."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kept: dict[int, bytes | None] = {}  # section offset -> its bytes (None: too big)
+        self.vmdesc: tuple[int, bytes] | None = None  # (offset of the 0x06 byte, JSON)
+
+    def _full_section(self, off: int, kind: SectionType) -> None:
+        buf, base = self.cursor.window(off, 6 + 255)
+        at = off - base + 6  # type, be32 id, u8 length, idstr
+        name = buf[at : at + buf[at - 1]] if at <= len(buf) else b""
+        self._keeping(off, kind, name == _RAM_NAME, super()._full_section)
+
+    def _part_section(self, off: int, kind: SectionType) -> None:
+        buf, base = self.cursor.window(off, 5)
+        section_id = int.from_bytes(buf[off - base + 1 : off - base + 5], "big")
+        self._keeping(off, kind, section_id == self.ram_section_id, super()._part_section)
+
+    def _keeping(self, off: int, kind: SectionType, ram: bool, walk: Any) -> None:
+        if ram:
+            walk(off, kind)
+            return
+        self.cursor.record_from(off)
+        walk(off, kind)
+        self.kept[off] = self.cursor.recorded(self.cursor.pos)
+
+    def _eof(self, off: int, kind: SectionType) -> None:
+        cursor = self.cursor
+        cursor.skip_to(off + 1, "EOF")
+        self.eof_offset = off
+        self.sections.append(Section("eof", off, end=off + 1))
+        self.done = True
+        after = off + 1
+        buf, base = cursor.window(after, 1)
+        if len(buf) <= after - base:
+            return  # the stream ends at EOF: no description (suppress-vmdesc)
+        if buf[after - base] != SectionType.VMDESCRIPTION:
+            self.problems.append(
+                Problem(after, "expected the VM description or the end of the stream after EOF, found other bytes")
+            )
+            return
+        head = cursor.parse(S.VmDescriptionHead, "the VM description header (0x06, be32 length)")
+        if head.length > VMDESC_SEARCH_LIMIT:
+            self.problems.append(Problem(after, f"expected a VM description under {VMDESC_SEARCH_LIMIT} bytes"))
+            return
+        text = cursor.read(head.length, "the VM description JSON")
+        self.vmdesc = (after, text)
+        end = cursor.pos
+        buf, base = cursor.window(end, 1)
+        if len(buf) > end - base:
+            self.problems.append(Problem(end, "expected the end of the stream after the VM description, found more"))
+
+
+class ForwardSnapshot(Snapshot):
+    """A compressed libvirt image, read once from front to back (see the module)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        page_size: int | None = None,
+        progress: Progress | None = None,
+        device_state_limit: int = DEVICE_STATE_LIMIT,
+    ) -> None:
+        self._src = Source(path)
+        self._stream = None
+        try:
+            self.path: str = self._src.path
+            self.size: int = self._src.size
+            self.bitmap_layout = LITTLE_ENDIAN_64
+            self.problems: list[Problem] = []
+            header, compressor = read_libvirt(self._src.cursor(0))
+            if header is None or compressor is None:
+                raise FormatError(0, "a compressed libvirt image", "none (open it with mappedram.open)")
+            self.compressor: str = compressor
+            from .decompress import Decompressed  # noqa: PLC0415 - only compressed images need it
+
+            self._stream = Decompressed(self._src.fd, header.stream_start, self.size, compressor, progress)
+            cursor = Cursor(self._stream.fetch, UNKNOWN_SIZE, header.stream_start, device_state_limit)
+            self.prologue = read_stream_prologue(cursor, header)
+            self.problems += self.prologue.problems
+            self.policy = policy_for(self.capabilities)
+            if not self.policy.pages_in_stream:
+                raise FormatError(
+                    self.stream_start,
+                    f"a classic stream behind a {compressor}-compressed libvirt header (libvirt compresses no other)",
+                    f"a {self.policy.mode.value} stream",
+                )
+            self.vmdesc_location: tuple[int, int] | None = None
+            self._vmdesc: dict[str, Any] | None = None
+            self._vmdesc_error: str | None = None
+            self._feed = PageFeed(cursor, self.walk_all)
+            settled = page_size or (1 << self.target_page_bits if self.target_page_bits else None)
+            self._ram = _ForwardRamReader(
+                self,
+                self._feed,
+                self._src,
+                self.policy,
+                settled or DEFAULT_PAGE_SIZE,
+                self.problems,
+                ignore_shared=self.ignore_shared,
+            )
+            self._walker = _ForwardWalker(cursor, self._ram, self.problems, vmdesc=lambda: None, vmdesc_offset=None)
+            self._walker.walk(until_ram_start=True)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        super().close()
+
+    def forward_only(self, what: str) -> FormatError:
+        """The one line for an operation that needs random access."""
+        return FormatError(
+            self.stream_start,
+            f"random access for {what}; this {self.compressor}-compressed image reads in one forward pass: "
+            "use restore, extract, verify --hash, or convert it first (mappedram convert IMAGE OUT --to stream)",
+        )
+
+    def walk_all(self) -> None:
+        self._walker.walk()
+        if self._walker.vmdesc is not None and self.vmdesc_location is None:
+            offset, text = self._walker.vmdesc
+            self.vmdesc_location = (offset, len(text))
+            try:
+                value = json.loads(text)
+                if not isinstance(value, dict):
+                    raise ValueError("the VM description is not a JSON object")
+                self._vmdesc = value
+            except ValueError as err:
+                self._vmdesc_error = str(err)
+                self.problems.append(Problem(offset, f"expected a VM description in JSON, found {err}"))
+
+    def _walk_all(self) -> None:
+        self.walk_all()
+
+    @property
+    def sections(self) -> list[Section]:
+        self.walk_all()
+        return self._walker.sections
+
+    @property
+    def eof_offset(self) -> int | None:
+        self.walk_all()
+        return self._walker.eof_offset
+
+    @property
+    def vmdesc(self) -> dict[str, Any] | None:
+        return self._vmdesc
+
+    def consume(self, consumer: PageConsumer, progress: Progress | None = None) -> None:
+        """Walk the rest of the stream, handing every page record to ``consumer``."""
+        if self._walker.done or self._feed.records or self._feed.consumer is not None:
+            raise FormatError(
+                self.stream_start,
+                f"a {self.compressor}-compressed image not yet read past its pages (it reads in one pass)",
+                "it was read already: open it again",
+            )
+        self._feed.consumer = consumer
+        if progress is not None and self._stream is not None:
+            self._stream._progress = progress
+        self.walk_all()
+
+    def read_bytes(self, offset: int, length: int) -> bytes:
+        """The bytes of a non-RAM section (kept as it passed); nothing else."""
+        self.walk_all()
+        if offset in self._walker.kept:
+            data = self._walker.kept[offset]
+            if data is None:
+                raise FormatError(offset, f"a device section under {DEVICE_STATE_LIMIT} bytes to carry over", "more")
+            if len(data) == length:
+                return data
+        raise self.forward_only(f"file bytes at {offset:#x}")
+
+    def restore_into(
+        self,
+        targets: Mapping[str, Any],
+        *,
+        channels: int = 4,
+        zero_fill: bool = True,
+        progress: Progress | None = None,
+    ) -> RestoreStats:
+        """Fill ``targets`` (block name -> writable buffer of used_length bytes) in this
+        image's one pass; ``channels`` does not apply (one decompressor)."""
+        views = {}
+        for name, target in targets.items():
+            view = memoryview(target).cast("B")
+            block = self.block(name)
+            if len(view) != block.used_length:
+                raise ValueError(f"target holds {len(view)} bytes, block {name!r} has {block.used_length}")
+            if zero_fill:
+                np.frombuffer(view, dtype=np.uint8)[:] = 0
+            views[name] = view
+        fill = _BufferFill(views)
+        self.consume(fill, progress)
+        return RestoreStats(bytes_read=fill.copied)
+
+
+class _BufferFill:
+    def __init__(self, views: Mapping[str, memoryview]) -> None:
+        self.views = views
+        self.copied = 0
+
+    def page(self, block: RamBlock, page: int, data: memoryview) -> None:
+        view = self.views.get(block.name)
+        if view is not None:
+            at = page * block.page_size
+            view[at : at + len(data)] = data
+            self.copied += len(data)
+
+    def zero(self, block: RamBlock, page: int) -> None:
+        view = self.views.get(block.name)
+        if view is not None:
+            at = page * block.page_size
+            view[at : at + block.page_size] = bytes(block.page_size)
+
+
+Locate = Callable[[RamBlock, int], int | None]  # (block, page) -> file offset, or None: not written
+
+
+class FileWriter:
+    """Pages written into a file where ``locate`` says, contiguous pages coalesced into
+    one pwritev (the data views stay valid: the cursor's buffers are immutable)."""
+
+    BATCH = 256  # pages per pwritev at most
+
+    def __init__(self, fd: int, locate: Locate) -> None:
+        self.fd = fd
+        self.locate = locate
+        self._views: list[memoryview] = []
+        self._at = 0  # file offset of the first pending view
+        self._end = 0
+
+    def page(self, block: RamBlock, page: int, data: memoryview) -> None:
+        at = self.locate(block, page)
+        if at is None:
+            return
+        if self._views and (at != self._end or len(self._views) >= self.BATCH):
+            self.flush()
+        if not self._views:
+            self._at = at
+        self._views.append(data)
+        self._end = at + len(data)
+
+    def zero(self, block: RamBlock, page: int) -> None:
+        at = self.locate(block, page)
+        if at is not None:
+            self.flush()
+            pwrite_all(self.fd, memoryview(bytes(block.page_size)), at)
+
+    def flush(self) -> None:
+        views, at = self._views, self._at
+        self._views = []
+        while views:
+            n = os.pwritev(self.fd, views, at)
+            at += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+
+
+def extract_forward(
+    snap: ForwardSnapshot,
+    name: str,
+    out_path: str | os.PathLike[str],
+    *,
+    overwrite: bool = True,
+    progress: Progress | None = None,
+) -> int:
+    """``extract`` in the image's one pass: each page pwritten at its offset into the
+    sparse output (a later record of a page overrides an earlier one)."""
+    block = snap.block(name)
+    with output_file(out_path, overwrite=overwrite, source_fd=snap.fd) as fd:
+        os.ftruncate(fd, block.used_length)
+        writer = FileWriter(fd, lambda b, page: page * b.page_size if b is block else None)
+        snap.consume(writer, progress)
+        writer.flush()
+    return block.populated * block.page_size
+
+
+def copy_regions_forward(
+    snap: ForwardSnapshot, fd: int, regions: list[tuple[Any, int]], progress: Progress | None = None
+) -> int:
+    """export-elf's copy in the image's one pass: (region, file offset of its segment)
+    pairs, a region being ``size`` bytes of ``block`` from ``offset`` (page-aligned)."""
+    by_block: dict[str, list[tuple[int, int, int]]] = {}
+    for region, seg in regions:
+        by_block.setdefault(region.block, []).append((region.offset, region.offset + region.size, seg))
+
+    def locate(block: RamBlock, page: int) -> int | None:
+        at = page * block.page_size
+        for lo, hi, seg in by_block.get(block.name, ()):
+            if lo <= at and at + block.page_size <= hi:
+                return seg + at - lo
+        return None
+
+    writer = FileWriter(fd, locate)
+    snap.consume(writer, progress)
+    writer.flush()
+    copied = 0
+    for region, _ in regions:
+        block = snap.block(region.block)
+        ps = block.page_size
+        for first, present in block.present_chunks():
+            lo = max(first, region.offset // ps)
+            hi = min(first + len(present), (region.offset + region.size) // ps)
+            if lo < hi:
+                copied += int(np.count_nonzero(present[lo - first : hi - first])) * ps
+    return copied
+
+
+@dataclass
+class _HashState:
+    digest: Any
+    next_page: int = 0
+    out_of_order: tuple[int, int] | None = None  # (page that came, page expected)
+
+
+class InOrderHashes:
+    """sha256 of each block as QEMU restores it, fed in one pass: a page's data when its
+    record comes, zeros for the pages skipped. Correct only while each block's records
+    come in increasing page order, as QEMU writes a paused save (each page once); a
+    record for a page at or before one already hashed (a repeat, or a live save's later
+    pass) makes that block's hash unavailable, said in a note."""
+
+    def __init__(self, blocks: list[RamBlock]) -> None:
+        self.state = {b.name: _HashState(hashlib.sha256()) for b in blocks if b.in_file}
+
+    def _advance(self, block: RamBlock, page: int) -> _HashState | None:
+        st = self.state.get(block.name)
+        if st is None or st.out_of_order is not None:
+            return None
+        if page < st.next_page:
+            st.out_of_order = (page, st.next_page)
+            return None
+        for zeros in zero_chunks((page - st.next_page) * block.page_size):
+            st.digest.update(zeros)
+        st.next_page = page + 1
+        return st
+
+    def page(self, block: RamBlock, page: int, data: memoryview) -> None:
+        st = self._advance(block, page)
+        if st is not None:
+            st.digest.update(data)
+
+    def zero(self, block: RamBlock, page: int) -> None:
+        st = self.state.get(block.name)
+        if st is not None and st.out_of_order is None:
+            st.out_of_order = (page, st.next_page)  # a page that held data is zero again
+
+    def results(self, blocks: Mapping[str, RamBlock]) -> tuple[dict[str, str], list[str]]:
+        """(block -> hex digest, notes for the blocks without one); pads to the end."""
+        hashes, notes = {}, []
+        for name, st in self.state.items():
+            block = blocks[name]
+            if st.out_of_order is not None:
+                came, expected = st.out_of_order
+                notes.append(
+                    f"block {name!r}: no sha256 in one forward pass (page {came} comes again after page "
+                    f"{expected - 1}): convert the image (--to mapped-ram) and hash that"
+                )
+                continue
+            for zeros in zero_chunks((block.num_pages - st.next_page) * block.page_size):
+                st.digest.update(zeros)
+            hashes[name] = st.digest.hexdigest()
+        return hashes, notes
+
+
+def open_image(
+    path: str | os.PathLike[str], *, progress: Progress | None = None, **open_args: Any
+) -> Snapshot:
+    """``mappedram.open``: a Snapshot, or for a compressed libvirt image a ForwardSnapshot
+    (``progress``: compressed bytes consumed, for the one pass)."""
+    from .prologue import CompressedImage  # noqa: PLC0415
+
+    try:
+        return Snapshot(path, **open_args)
+    except CompressedImage:
+        pass
+    extra = {k: v for k, v in open_args.items() if v is not None and k not in ("page_size", "bitmap_layout")}
+    if extra:
+        raise FormatError(0, f"no {', '.join(extra)} for a compressed libvirt image", "some")
+    return ForwardSnapshot(path, page_size=open_args.get("page_size"), progress=progress)
