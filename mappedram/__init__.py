@@ -5,10 +5,10 @@ from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64, BitmapLayout
 from .formats.policy import Mode
 from .mapper.blocks import MappedRamBlock, RamBlock, StreamRamBlock
 from .mapper.convert import convert
-from .mapper.physical import PhysicalView, export_elf
-from .mapper.restore import extract, restore, restore_into
 from .mapper.forward import ForwardSnapshot
 from .mapper.forward import open_image as open
+from .mapper.physical import PhysicalView, export_elf
+from .mapper.restore import extract, restore, restore_into
 from .mapper.snapshot import Snapshot
 from .mapper.verify import Report, verify
 from .mapper.writer import DeviceState, SnapshotWriter

@@ -17,7 +17,7 @@ from .errors import FormatError
 from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
 from .mapper.blocks import not_in_file
 from .mapper.channels import MAX_CHANNELS, check_count
-from .mapper.convert import convert
+from .mapper.convert import COMPRESSORS, convert
 from .mapper.forward import open_image
 from .mapper.physical import PhysicalView, export_elf
 from .mapper.restore import extract
@@ -119,12 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
         "output appears only when complete.",
     )
     conv.add_argument("output", metavar="OUT", help="the file to write")
-    conv.add_argument("--to", required=True, choices=("mapped-ram", "stream"), help="the layout of OUT")
+    conv.add_argument(
+        "--to",
+        required=True,
+        choices=("mapped-ram", "stream"),
+        help="the layout of OUT; a libvirt image stays one (mapped-ram: format sparse, stream: raw)",
+    )
+    conv.add_argument(
+        "--compress",
+        choices=COMPRESSORS,
+        help="with --to stream: compress OUT as libvirt does (its header says so); needs a libvirt image",
+    )
     conv.add_argument(
         "--channels",
         type=_int,
         default=4,
-        help=f"writer threads for --to mapped-ram, 1 to {MAX_CHANNELS} (default 4)",
+        help=f"1 to {MAX_CHANNELS}, accepted for scripts: convert streams its pages in one pass",
     )
     conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
     conv.add_argument(
@@ -279,12 +289,27 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"mappedram: --{err}", file=sys.stderr)
         return EXIT_UNREADABLE
+    if args.compress and args.to != "stream":
+        print("mappedram: --compress goes with --to stream (libvirt compresses only classic streams)", file=sys.stderr)
+        return EXIT_UNREADABLE
     bar = ProgressBar(f"convert to {args.to}", args.progress)
-    convert(
-        args.file, args.output, args.to, channels=args.channels, overwrite=args.force, progress=bar, **_open_args(args)
-    )
+    try:
+        convert(
+            args.file,
+            args.output,
+            args.to,
+            overwrite=args.force,
+            progress=bar,
+            compress=args.compress,
+            **_open_args(args),
+        )
+    except ValueError as err:
+        if isinstance(err, FormatError):
+            raise
+        print(f"mappedram: {args.file}: {err}", file=sys.stderr)
+        return EXIT_UNREADABLE
     bar.close()
-    print(f"{args.output}: written as {args.to}")
+    print(f"{args.output}: written as {args.to}" + (f", {args.compress}-compressed" if args.compress else ""))
     return EXIT_OK
 
 

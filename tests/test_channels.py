@@ -114,15 +114,14 @@ def test_channel_error_with_many_channels_ends(tmp_path):
 INTERRUPTED = textwrap.dedent(
     r"""
     import os, sys, threading, time
-    import mappedram.mapper.pagesink as w
+    import mappedram.mapper.convert as c
     from mappedram.cli import main
-    real = w.pwrite_all
-    def slow(fd, data, offset):  # a slow disk under the channels: the main thread waits at the sync
-        if threading.current_thread() is not threading.main_thread():
-            os.write(1, b"writing\n")
-            time.sleep(1)
-        real(fd, data, offset)
-    w.pwrite_all = slow
+    real = c.copy_range
+    def slow(*args):  # a slow disk under convert's page copy
+        os.write(1, b"writing\n")
+        time.sleep(1)
+        real(*args)
+    c.copy_range = slow
     sys.exit(main(["convert", sys.argv[1], sys.argv[2], "--to", "mapped-ram", "--channels", "16"]))
     """
 )

@@ -154,13 +154,18 @@ def new_buffer(name: str, size: int) -> np.ndarray:
     """A zeroed uint8 array for a block, refused with a clear error when the block claims
     more than this machine's memory (a classic stream's RAM size is not bounded by its
     file size)."""
+    check_claim(name, size)
+    return np.zeros(size, dtype=np.uint8)  # calloc: untouched pages cost nothing
+
+
+def check_claim(name: str, size: int) -> None:
+    """MemoryError when a block claims more RAM than this machine has."""
     try:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         memory = 0
     if memory and size > memory:
         raise MemoryError(f"block {name!r} claims {size} bytes of RAM, more than this machine's {memory}")
-    return np.zeros(size, dtype=np.uint8)  # calloc: untouched pages cost nothing
 
 
 class MappedRamBlock(RamBlock):

@@ -1,8 +1,19 @@
 """Conversion between a classic stream and a mapped-ram file, device state unchanged.
 
-The RAM of the source is read block by block; the device sections, the machine type
-and the section ids are carried over byte for byte, so QEMU restores the output as it
-would the input. Both outputs are made by mapper/output.py's rules.
+Both directions stream: the pages go from the source to the output in bounded pieces
+(a random-access source: its extents, copied kernel-side where the filesystem allows;
+a compressed libvirt image: its one forward pass, each page pwritten into its slot as
+its record passes), so memory follows neither the guest nor its populated pages. The
+mapped-ram output is laid out up front by the composer and formats/layout.py's
+``place_block`` (as the writer does), its bitmaps written from each block's pages in
+chunks at the end. The device sections, the machine type and the section ids are
+carried over byte for byte, so QEMU restores the output as it would the input.
+
+A libvirt header in the input is kept (domain XML, cookie, was_running and the data
+area's length as they are) with the format the output has: sparse for mapped-ram, raw
+for a stream, or the compressor's for ``compress`` (libvirt compresses only classic
+streams). Without one in the input, the output has none. Files are made by
+mapper/output.py's rules, the QEVM magic last.
 """
 
 from __future__ import annotations
@@ -14,15 +25,23 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..errors import FormatError
-from ..formats.constants import CAP_MAPPED_RAM
-from .blocks import RamBlock, new_buffer, read_exact
+from ..formats import structs as S
+from ..formats.bitmap import LITTLE_ENDIAN_64, BitmapLayout
+from ..formats.constants import CAP_MAPPED_RAM, MAPPED_RAM_ALIGNMENT, QEVM_MAGIC
+from ..formats.layout import BlockPlace
+from ..formats.policy import SAVE_FORMATS
+from .blocks import RamBlock, check_claim, read_exact
+from .channels import pwrite_all
+from .copy_plan import copy_range
 from .encoder import DeviceState, StreamComposer
-from .output import output_file
+from .forward import FileWriter, ForwardSnapshot, open_image
+from .output import OutputFile, output_file
 from .snapshot import Snapshot
-from .writer import SnapshotWriter
 
 Progress = Callable[[int, int], None]
 PIECE_BYTES = 8 << 20  # the most read at a time when streaming a block's pages
+TARGETS = ("mapped-ram", "stream")
+COMPRESSORS = tuple(f.name for f in SAVE_FORMATS.values() if f.magic is not None)  # what libvirt compresses with
 
 
 def _check_page_sizes(src: Snapshot) -> None:
@@ -36,40 +55,112 @@ def _check_page_sizes(src: Snapshot) -> None:
             )
 
 
+def libvirt_prefix(src: Snapshot, fmt: str) -> bytes:
+    """The input's libvirt header and data area, the header's format set to ``fmt``;
+    empty without a libvirt header."""
+    if src.libvirt is None:
+        return b""
+    schema = S.LibvirtHeaderLE if src.libvirt.byteorder == "little" else S.LibvirtHeaderBE
+    raw = os.pread(src.fd, src.stream_start, 0)
+    if len(raw) != src.stream_start:
+        raise FormatError(len(raw), "the libvirt data area (the file was shorter when opened)", "its end")
+    header = schema.parse(raw)
+    header.format = fmt
+    return schema.build(header) + raw[S.LIBVIRT_HEADER_SIZE :]
+
+
+def _provisional_devices(src: Snapshot) -> DeviceState:
+    """What the head and the block list need of the device state, known before the pages:
+    machine type, RAM section id, footers (the sections themselves come at the end)."""
+    ram_id = src._walker.ram_section_id
+    return DeviceState(b"", [], ram_id if ram_id is not None else 0, src.machine_type, bool(src._walker.footers))
+
+
+class _MappedRamOutput:
+    """A mapped-ram file written page by page: head and block list first (QEVM magic
+    zeroed), pages into their slots, then bitmaps, the tail, and the magic last."""
+
+    def __init__(
+        self, src: Snapshot, out_path: str | os.PathLike[str], prefix: bytes, overwrite: bool, layout: BitmapLayout
+    ) -> None:
+        self.src, self.layout = src, layout
+        self.out = OutputFile(out_path, overwrite=overwrite, source_fd=src.fd)
+        self.fd = self.out.fd
+        try:
+            comp = StreamComposer(src.page_size, capabilities=[CAP_MAPPED_RAM], devices=_provisional_devices(src))
+            head = comp.head()
+            self.magic_at = len(prefix)
+            pwrite_all(self.fd, memoryview(prefix + bytes(len(QEVM_MAGIC)) + head[len(QEVM_MAGIC) :]), 0)
+            blocks = [(b.name, b.used_length) for b in src]
+            pieces, places, self.pos = comp.ram_start(len(prefix) + len(head), blocks, layout, MAPPED_RAM_ALIGNMENT)
+            for offset, data in pieces:
+                pwrite_all(self.fd, memoryview(data), offset)
+            self.places: dict[str, BlockPlace] = {}
+            for block, place in zip(src, places):
+                assert place is not None
+                self.places[block.name] = place
+            self.round_end = comp.round_end()
+        except BaseException:
+            self.out.abort()
+            raise
+
+    def slot(self, block: RamBlock, page: int) -> int:
+        return self.places[block.name].page_offset(page)
+
+    def finish(self) -> None:
+        """Bitmaps from each block's pages, the stream's tail, the magic last."""
+        for block in self.src:
+            place = self.places[block.name]
+            for first, present in block.present_chunks():  # first: a multiple of 8 words' bits
+                lsb = np.packbits(present, bitorder="little")
+                whole = -(-len(lsb) // self.layout.word_bytes) * self.layout.word_bytes
+                lsb = np.concatenate([lsb, np.zeros(whole - len(lsb), dtype=np.uint8)])
+                pwrite_all(self.fd, memoryview(self.layout.from_lsb(lsb).tobytes()), place.bitmap_offset + first // 8)
+        comp = StreamComposer(
+            self.src.page_size, capabilities=[CAP_MAPPED_RAM], devices=DeviceState.from_snapshot(self.src)
+        )
+        tail = self.round_end + comp.tail()
+        pwrite_all(self.fd, memoryview(tail), self.pos)
+        os.ftruncate(self.fd, self.pos + len(tail))
+        self.out.commit(last=(self.magic_at, QEVM_MAGIC))
+
+
 def to_mapped_ram(
     src: Snapshot,
     out_path: str | os.PathLike[str],
     *,
-    channels: int = 4,
     overwrite: bool = True,
     progress: Progress | None = None,
+    layout: BitmapLayout = LITTLE_ENDIAN_64,
 ) -> None:
-    """Rewrite ``src`` (either kind) as a QEMU 10 mapped-ram file. The blocks are read into
-    lazily zeroed buffers: memory grows with the pages stored in ``src``, not with its claim."""
+    """Rewrite ``src`` (either kind) as a QEMU 10 mapped-ram file, streaming its pages
+    into their slots. A libvirt input gives a sparse libvirt image."""
     _check_page_sizes(src)
-    devices = DeviceState.from_snapshot(src)
+    for block in src:  # the output reserves every block's RAM, for a QEMU to restore
+        try:
+            check_claim(block.name, block.used_length)
+        except MemoryError as err:
+            raise OSError(errno.ENOMEM, f"{err}; not converted", src.path) from None
+    out = _MappedRamOutput(src, out_path, libvirt_prefix(src, "sparse"), overwrite, layout)
     try:
-        blocks = {b.name: new_buffer(b.name, b.used_length) for b in src}
-    except MemoryError as err:  # a claim beyond this machine: one line, not a traceback
-        raise OSError(errno.ENOMEM, f"{err}; not converted", src.path) from None
-    total = sum(b.populated for b in src) * src.page_size
-    before = 0  # bytes of the blocks read so far
-    for block in src:
-        step = (lambda done, _, base=before: progress(base + done, total)) if progress else None
-        block.read_into(blocks[block.name], zero_fill=False, progress=step)
-        before += block.populated * block.page_size
-    with SnapshotWriter(
-        out_path,
-        blocks,
-        channels=channels,
-        page_size=src.page_size,
-        devices=devices,
-        overwrite=overwrite,
-        source_fd=src.fd,
-    ) as writer:
-        writer.complete()
-    if progress:
-        progress(total, total)
+        if isinstance(src, ForwardSnapshot):
+            writer = FileWriter(out.fd, out.slot)
+            src.consume(writer, progress)
+            writer.flush()
+        else:
+            total = sum(b.populated for b in src) * src.page_size
+            done = 0
+            for block in src:
+                ps = block.page_size
+                for ext in block.extents():
+                    copy_range(block.fd, out.fd, ext.file_offset, out.slot(block, ext.first_page), ext.count * ps)
+                    done += ext.count * ps
+                    if progress:
+                        progress(done, total)
+        out.finish()
+    except BaseException:
+        out.out.abort()
+        raise
 
 
 def _stored_pages(block: RamBlock) -> Iterator[tuple[int, np.ndarray]]:
@@ -84,25 +175,38 @@ def _stored_pages(block: RamBlock) -> Iterator[tuple[int, np.ndarray]]:
             yield ext.first_page + k, rows
 
 
-def to_stream(
-    src: Snapshot, out_path: str | os.PathLike[str], *, overwrite: bool = True, progress: Progress | None = None
-) -> None:
-    """Rewrite ``src`` (either kind) as a classic stream: one PART section holding a PAGE
-    record for every populated, non-zero page (the loader starts from zeroed RAM). Pages
-    are streamed in bounded pieces, whatever RAM size the source claims."""
-    _check_page_sizes(src)
-    devices = DeviceState.from_snapshot(src)
-    comp = StreamComposer(
-        src.page_size, capabilities=[c for c in src.capabilities if c != CAP_MAPPED_RAM], devices=devices
-    )
-    with (
-        output_file(out_path, overwrite=overwrite, source_fd=src.fd) as fd,
-        os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as out,
-    ):
-        head = comp.head()
-        pieces, _, _ = comp.ram_start(len(head), [(b.name, b.used_length) for b in src])
-        out.write(head + b"".join(data for _, data in pieces))
-        out.write(comp.part_start())
+class _RecordWriter:
+    """A forward pass's pages as PAGE records (ZERO for a page whose data a later record
+    cleared), CONTINUE while the block stays the same."""
+
+    def __init__(self, out: Any, comp: StreamComposer) -> None:
+        self.out, self.comp = out, comp
+        self.last: str | None = None
+
+    def _name(self, block: RamBlock) -> str | None:
+        if block.name == self.last:
+            return None
+        self.last = block.name
+        return block.name
+
+    def page(self, block: RamBlock, page: int, data: memoryview) -> None:
+        self.out.write(self.comp.page_record(self._name(block), page, data))
+
+    def zero(self, block: RamBlock, page: int) -> None:
+        self.out.write(self.comp.page_record(self._name(block), page, None))
+
+
+def _write_stream(src: Snapshot, out: Any, progress: Progress | None) -> None:
+    devices = _provisional_devices(src)
+    capabilities = [c for c in src.capabilities if c != CAP_MAPPED_RAM]
+    comp = StreamComposer(src.page_size, capabilities=capabilities, devices=devices)
+    head = comp.head()
+    pieces, _, _ = comp.ram_start(len(head), [(b.name, b.used_length) for b in src])
+    out.write(head + b"".join(data for _, data in pieces))
+    out.write(comp.part_start())
+    if isinstance(src, ForwardSnapshot):
+        src.consume(_RecordWriter(out, comp), progress)
+    else:
         total = sum(b.populated for b in src) * src.page_size
         done = 0
         for block in src:
@@ -115,8 +219,40 @@ def to_stream(
                 done += rows.nbytes
                 if progress:
                     progress(done, total)
-        out.write(comp.section_end())
-        out.write(comp.tail())
+    out.write(comp.section_end())
+    tail = StreamComposer(src.page_size, capabilities=capabilities, devices=DeviceState.from_snapshot(src))
+    out.write(tail.tail())
+
+
+def to_stream(
+    src: Snapshot,
+    out_path: str | os.PathLike[str],
+    *,
+    overwrite: bool = True,
+    progress: Progress | None = None,
+    compress: str | None = None,
+) -> None:
+    """Rewrite ``src`` (either kind) as a classic stream: one PART section holding a PAGE
+    record for every populated, non-zero page (the loader starts from zeroed RAM). Pages
+    are streamed in bounded pieces, whatever RAM size the source claims. ``compress``
+    (gzip, bzip2, xz, lzop, zstd): a libvirt image compressed as libvirt writes it."""
+    _check_page_sizes(src)
+    if compress is not None and compress not in COMPRESSORS:
+        raise ValueError(f"compress with one of {', '.join(COMPRESSORS)}, not {compress!r}")
+    if compress is not None and src.libvirt is None:
+        raise ValueError(f"--compress {compress} makes a libvirt image: the input has no libvirt header to keep")
+    prefix = libvirt_prefix(src, compress or "raw")
+    with output_file(out_path, overwrite=overwrite, source_fd=src.fd) as fd:
+        pwrite_all(fd, memoryview(prefix), 0)
+        if compress is not None:
+            from .compression import compressing  # noqa: PLC0415 - the compressors load only when used
+
+            with compressing(fd, len(prefix), compress) as out:
+                _write_stream(src, out, progress)
+        else:
+            os.lseek(fd, len(prefix), os.SEEK_SET)
+            with os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as out:
+                _write_stream(src, out, progress)
 
 
 def convert(
@@ -127,14 +263,18 @@ def convert(
     channels: int = 4,
     overwrite: bool = True,
     progress: Progress | None = None,
+    compress: str | None = None,
     **open_args: Any,
 ) -> None:
-    """``to`` is "mapped-ram" or "stream". The output is made by mapper/output.py's rules
-    (``overwrite``: replace an existing file)."""
-    with Snapshot(src_path, **open_args) as src:
+    """``to`` is "mapped-ram" or "stream"; ``compress`` only with "stream" (see to_stream).
+    The output is made by mapper/output.py's rules (``overwrite``: replace an existing
+    file). ``channels`` is accepted for compatibility: the copy is one stream of pages."""
+    if to not in TARGETS:
+        raise ValueError(f"convert to 'mapped-ram' or 'stream', not {to!r}")
+    if compress is not None and to != "stream":
+        raise ValueError("--compress goes with --to stream (libvirt compresses only classic streams)")
+    with open_image(src_path, progress=progress, **open_args) as src:
         if to == "mapped-ram":
-            to_mapped_ram(src, out_path, channels=channels, overwrite=overwrite, progress=progress)
-        elif to == "stream":
-            to_stream(src, out_path, overwrite=overwrite, progress=progress)
+            to_mapped_ram(src, out_path, overwrite=overwrite, progress=progress)
         else:
-            raise ValueError(f"convert to 'mapped-ram' or 'stream', not {to!r}")
+            to_stream(src, out_path, overwrite=overwrite, progress=progress, compress=compress)

@@ -2,7 +2,7 @@
 
 libvirt compresses only classic streams, so everything sits in the stream in order:
 the block list, the page records, the device sections, EOF, the VM description.
-``ForwardSnapshot`` walks it once through a decompressing cursor (decompress.py), with
+``ForwardSnapshot`` walks it once through a decompressing cursor (compression.py), with
 the same walker and RAM reader as any classic stream; the page records' data goes to
 the one consumer given to ``consume()`` as the records pass (extract, restore, hashes,
 convert), and each block keeps one bit per page (``PageBits``: which pages hold data),
@@ -288,7 +288,7 @@ class ForwardSnapshot(Snapshot):
             if header is None or compressor is None:
                 raise FormatError(0, "a compressed libvirt image", "none (open it with mappedram.open)")
             self.compressor: str = compressor
-            from .decompress import Decompressed  # noqa: PLC0415 - only compressed images need it
+            from .compression import Decompressed  # noqa: PLC0415 - only compressed images need it
 
             self._stream = Decompressed(self._src.fd, header.stream_start, self.size, compressor, progress)
             cursor = Cursor(self._stream.fetch, UNKNOWN_SIZE, header.stream_start, device_state_limit)
@@ -586,9 +586,7 @@ class InOrderHashes:
         return hashes, notes
 
 
-def open_image(
-    path: str | os.PathLike[str], *, progress: Progress | None = None, **open_args: Any
-) -> Snapshot:
+def open_image(path: str | os.PathLike[str], *, progress: Progress | None = None, **open_args: Any) -> Snapshot:
     """``mappedram.open``: a Snapshot, or for a compressed libvirt image a ForwardSnapshot
     (``progress``: compressed bytes consumed, for the one pass)."""
     from .prologue import CompressedImage  # noqa: PLC0415

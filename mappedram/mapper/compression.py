@@ -1,4 +1,5 @@
-"""A compressed libvirt image's stream, decompressed in one forward pass.
+"""Compressed libvirt images: the stream decompressed in one forward pass, or compressed
+as libvirt would write it (convert --compress).
 
 libvirt pipes a classic QEMU stream through ``gzip``, ``bzip2``, ``xz``, ``lzop`` or
 ``zstd`` (``-c``) behind its header. ``Decompressed`` serves that stream to a
@@ -20,7 +21,8 @@ import os
 import shutil
 import subprocess
 import zlib
-from typing import IO, Callable
+from contextlib import contextmanager
+from typing import IO, Callable, Iterator
 
 from ..errors import FormatError
 
@@ -55,9 +57,7 @@ class Decompressed:
     bytes consumed against the compressed size.
     """
 
-    def __init__(
-        self, fd: int, start: int, size: int, compressor: str, progress: Progress | None = None
-    ) -> None:
+    def __init__(self, fd: int, start: int, size: int, compressor: str, progress: Progress | None = None) -> None:
         self.compressor = compressor
         self.start = start  # stream offsets begin here
         self._compressed = size - start
@@ -157,3 +157,42 @@ class Decompressed:
                 stream.close()
         self._reader.close()
         self._raw.close()
+
+
+@contextmanager
+def compressing(fd: int, offset: int, compressor: str) -> Iterator[IO[bytes]]:
+    """A writable file whose bytes land compressed in ``fd`` from ``offset`` on; the
+    compressed data is complete (and the program, if one was used, ended) on exit. The
+    levels are those libvirt's ``PROG -c`` writes with: gzip 6, bzip2 9, xz 6, zstd 3."""
+    raw_fd = os.dup(fd)
+    os.lseek(raw_fd, offset, os.SEEK_SET)
+    raw = os.fdopen(raw_fd, "wb", buffering=READ_BYTES)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        if compressor == "gzip":
+            out: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0)
+        elif compressor == "bzip2":
+            out = bz2.BZ2File(raw, "wb", compresslevel=9)
+        elif compressor == "xz":
+            out = lzma.LZMAFile(raw, "wb", format=lzma.FORMAT_XZ, preset=6)
+        elif compressor == "zstd" and _zstandard_available():
+            import zstandard  # noqa: PLC0415 - optional
+
+            out = zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
+        elif compressor in ("zstd", "lzop") and shutil.which(compressor):
+            raw.flush()
+            proc = subprocess.Popen([compressor, "-c", "-q"], stdin=subprocess.PIPE, stdout=raw_fd)
+            assert proc.stdin is not None
+            out = proc.stdin
+        else:
+            hint = "pip install mappedram[zstd], or install the zstd program" if compressor == "zstd" else ""
+            raise OSError(0, f"no {compressor} compressor: {hint or f'install the {compressor} program'}")
+        yield out
+        out.close()
+        if proc is not None and proc.wait() != 0:
+            raise OSError(0, f"{compressor} exited with status {proc.returncode}")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raw.close()
