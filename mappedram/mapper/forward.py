@@ -593,9 +593,5 @@ def open_image(path: str | os.PathLike[str], *, progress: Progress | None = None
 
     try:
         return Snapshot(path, **open_args)
-    except CompressedImage:
-        pass
-    extra = {k: v for k, v in open_args.items() if v is not None and k not in ("page_size", "bitmap_layout")}
-    if extra:
-        raise FormatError(0, f"no {', '.join(extra)} for a compressed libvirt image", "some")
-    return ForwardSnapshot(path, page_size=open_args.get("page_size"), progress=progress)
+    except CompressedImage:  # only found without an explicit offset: nothing else applies
+        return ForwardSnapshot(path, page_size=open_args.get("page_size"), progress=progress)

@@ -39,11 +39,11 @@ def _construct_reason(err: ConstructError) -> str:
     return f"{reason} in field {path}" if path else reason
 
 
-def _parse(schema: Construct, stream: Any, offset: int, size: int, what: str, **context: Any) -> Any:
+def _parse(schema: Construct, stream: Any, offset: int, size: Callable[[], int], what: str, **context: Any) -> Any:
     try:
         return schema.parse_stream(stream, **context)
     except StreamError:
-        raise FormatError(offset, what, f"the end of the file at {size:#x}") from None
+        raise FormatError(offset, what, f"the end of the file at {size():#x}") from None
     except (ConstructError, UnicodeDecodeError) as err:
         reason = _construct_reason(err) if isinstance(err, ConstructError) else str(err)
         raise FormatError(offset, what, reason) from None
@@ -194,7 +194,12 @@ class Cursor:
     def parse(self, schema: Construct, what: str, **context: Any) -> Any:
         start = self.pos
         stream = _CursorStream(self)
-        value = _parse(schema, stream, start, self.size, what, **context)
+        try:
+            value = _parse(schema, stream, start, lambda: self.size, what, **context)
+        except FormatError:
+            if stream.error is not None:  # construct reports a failed read as the stream's end
+                raise stream.error from None
+            raise
         self.pos = stream.pos
         return value
 
@@ -224,13 +229,18 @@ class _CursorStream:
 
     def __init__(self, cursor: Cursor) -> None:
         self.cursor, self.pos = cursor, cursor.pos
+        self.error: FormatError | None = None  # what a read raised (a decompressor's)
 
     def read(self, n: int = -1) -> bytes:
         size = self.cursor.size
         end = size if n is None or n < 0 else min(size, self.pos + n)
         if end <= self.pos:
             return b""
-        buf, base = self.cursor.window(self.pos, end - self.pos)
+        try:
+            buf, base = self.cursor.window(self.pos, end - self.pos)
+        except FormatError as err:
+            self.error = err
+            raise
         data = buf[self.pos - base : end - base]
         self.pos += len(data)
         return data
