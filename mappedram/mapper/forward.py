@@ -279,6 +279,7 @@ class ForwardSnapshot(Snapshot):
     ) -> None:
         self._src = Source(path)
         self._stream = None
+        self.device_state_limit = device_state_limit
         try:
             self.path: str = self._src.path
             self.size: int = self._src.size
@@ -385,7 +386,8 @@ class ForwardSnapshot(Snapshot):
         if offset in self._walker.kept:
             data = self._walker.kept[offset]
             if data is None:
-                raise FormatError(offset, f"a device section under {DEVICE_STATE_LIMIT} bytes to carry over", "more")
+                limit = self.device_state_limit
+                raise FormatError(offset, f"a device section under {limit} bytes to carry over", "a longer one")
             if len(data) == length:
                 return data
         raise self.forward_only(f"file bytes at {offset:#x}")
