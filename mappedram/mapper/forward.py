@@ -469,16 +469,24 @@ class FileWriter:
             pwrite_all(self.fd, memoryview(bytes(block.page_size)), at)
 
     def flush(self) -> None:
-        views, at = self._views, self._at
-        self._views = []
-        while views:
-            n = os.pwritev(self.fd, views, at)
-            at += n
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
+        views, self._views = self._views, []
+        pwritev_all(self.fd, views, self._at)
+
+
+IOV_MAX = 1024  # buffers one pwritev takes (Linux)
+
+
+def pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write all of ``views`` from ``offset`` (pwritev may write less than asked)."""
+    views, i = list(views), 0
+    while i < len(views):
+        n = os.pwritev(fd, views[i : i + IOV_MAX], offset)
+        offset += n
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
 
 
 def extract_forward(
