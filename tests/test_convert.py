@@ -210,4 +210,3 @@ def test_qemu_restores_converted_compressed_images(tmp_path):
                 time.sleep(0.1)
     digest = hashlib.sha256(mappedram.restore(compressed)["pc.ram"]).hexdigest()
     assert digest == hashlib.sha256(mappedram.restore(plain)["pc.ram"]).hexdigest()
-

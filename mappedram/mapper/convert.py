@@ -106,9 +106,6 @@ class _MappedRamOutput:
             self.out.abort()
             raise
 
-    def slot(self, block: RamBlock, page: int) -> int:
-        return self.places[block.name].page_offset(page)
-
     def finish(self) -> None:
         """Bitmaps from each block's pages, the stream's tail, the magic last."""
         for block in self.src:
@@ -185,7 +182,7 @@ def to_mapped_ram(
     out = _MappedRamOutput(src, out_path, libvirt_prefix(src, "sparse"), overwrite, layout)
     try:
         if isinstance(src, ForwardSnapshot):
-            writer = FileWriter(out.fd, out.slot)
+            writer = FileWriter(out.fd, {name: place.pages_offset for name, place in out.places.items()})
             src.consume(writer, progress)
             writer.flush()
         else:

@@ -65,25 +65,23 @@ class PageConsumer(Protocol):
 class PageBits:
     """One bit per page, allocated in chunks only where the stream has pages."""
 
-    CHUNK_PAGES = 1 << 18  # 32 KiB of bits per GiB of 4 KiB pages
+    CHUNK_SHIFT = 18
+    CHUNK_PAGES = 1 << CHUNK_SHIFT  # 32 KiB of bits per GiB of 4 KiB pages
 
     def __init__(self, num_pages: int) -> None:
         self.num_pages = num_pages
         self._chunks: dict[int, bytearray] = {}
 
-    def set(self, page: int) -> bool:
-        """Set ``page``'s bit; whether it was set."""
-        chunk = self._chunks.get(page // self.CHUNK_PAGES)
+    def set(self, page: int) -> None:
+        """Set ``page``'s bit (once per PAGE record: kept short)."""
+        chunk = self._chunks.get(page >> self.CHUNK_SHIFT)
         if chunk is None:
-            chunk = self._chunks[page // self.CHUNK_PAGES] = bytearray(self.CHUNK_PAGES // 8)
-        at, bit = divmod(page % self.CHUNK_PAGES, 8)
-        was = chunk[at] >> bit & 1
-        chunk[at] |= 1 << bit
-        return bool(was)
+            chunk = self._chunks[page >> self.CHUNK_SHIFT] = bytearray(self.CHUNK_PAGES // 8)
+        chunk[(page >> 3) & (self.CHUNK_PAGES // 8 - 1)] |= 1 << (page & 7)
 
     def clear(self, page: int) -> bool:
         """Clear ``page``'s bit; whether it was set."""
-        chunk = self._chunks.get(page // self.CHUNK_PAGES)
+        chunk = self._chunks.get(page >> self.CHUNK_SHIFT)
         if chunk is None:
             return False
         at, bit = divmod(page % self.CHUNK_PAGES, 8)
@@ -151,14 +149,12 @@ class PageFeed:
             if block.bits.clear(page) and consumer is not None:
                 consumer.zero(block, page)
             return
-        size = block.page_size
-        buf, base = self.cursor.window(pos, size)
-        at = pos - base
-        if len(buf) - at < size:
-            raise FormatError(pos, f"{size} bytes of page data", "the end of the stream")
+        data = self.cursor.view(pos, block.page_size)
+        if len(data) < block.page_size:
+            raise FormatError(pos, f"{block.page_size} bytes of page data", "the end of the stream")
         block.bits.set(page)
         if consumer is not None:
-            consumer.page(block, page, memoryview(buf)[at : at + size])
+            consumer.page(block, page, data)
 
     def pages(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         raise self.blocks[name].forward_only("a page index with file offsets")
@@ -439,20 +435,29 @@ Locate = Callable[[RamBlock, int], int | None]  # (block, page) -> file offset, 
 
 
 class FileWriter:
-    """Pages written into a file where ``locate`` says, contiguous pages coalesced into
-    one pwritev (the data views stay valid: the cursor's buffers are immutable)."""
+    """Pages written into a file, contiguous pages coalesced into one pwritev (the data
+    views stay valid: the cursor's buffers are immutable). Where: ``bases`` (block name
+    -> file offset of its page 0, pages in order after it), or else ``locate``."""
 
     BATCH = 256  # pages per pwritev at most
 
-    def __init__(self, fd: int, locate: Locate) -> None:
+    def __init__(self, fd: int, bases: Mapping[str, int], locate: Locate | None = None) -> None:
         self.fd = fd
+        self.bases = bases
         self.locate = locate
         self._views: list[memoryview] = []
         self._at = 0  # file offset of the first pending view
         self._end = 0
 
+    def _offset(self, block: RamBlock, page: int) -> int | None:
+        base = self.bases.get(block.name)
+        if base is not None:
+            return base + page * block.page_size
+        return None if self.locate is None else self.locate(block, page)
+
     def page(self, block: RamBlock, page: int, data: memoryview) -> None:
-        at = self.locate(block, page)
+        base = self.bases.get(block.name)
+        at = base + page * block.page_size if base is not None else self._offset(block, page)
         if at is None:
             return
         if self._views and (at != self._end or len(self._views) >= self.BATCH):
@@ -463,7 +468,7 @@ class FileWriter:
         self._end = at + len(data)
 
     def zero(self, block: RamBlock, page: int) -> None:
-        at = self.locate(block, page)
+        at = self._offset(block, page)
         if at is not None:
             self.flush()
             pwrite_all(self.fd, memoryview(bytes(block.page_size)), at)
@@ -502,7 +507,7 @@ def extract_forward(
     block = snap.block(name)
     with output_file(out_path, overwrite=overwrite, source_fd=snap.fd) as fd:
         os.ftruncate(fd, block.used_length)
-        writer = FileWriter(fd, lambda b, page: page * b.page_size if b is block else None)
+        writer = FileWriter(fd, {name: 0})
         snap.consume(writer, progress)
         writer.flush()
     return block.populated * block.page_size
@@ -524,7 +529,7 @@ def copy_regions_forward(
                 return seg + at - lo
         return None
 
-    writer = FileWriter(fd, locate)
+    writer = FileWriter(fd, {}, locate)
     snap.consume(writer, progress)
     writer.flush()
     copied = 0

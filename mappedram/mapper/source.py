@@ -116,6 +116,7 @@ class Cursor:
         self.pos = pos
         self._buf = b""
         self._base = pos
+        self._view = memoryview(self._buf)
         self._record_limit = record_limit
         self._recording: list[bytes] | None = None
         self._record_at = 0  # the first byte not yet in _recording
@@ -141,7 +142,17 @@ class Cursor:
             raise FormatError(self.size, f"{pos - self.size} more bytes", "the end of the stream")
         self._buf = keep + got
         self._base = pos
+        self._view = memoryview(self._buf)
         return self._buf, pos
+
+    def view(self, pos: int, length: int) -> memoryview:
+        """``length`` bytes from ``pos`` (fewer at the end of the data) as a view into the
+        window, valid for as long as the caller keeps it; ``pos`` not before the window."""
+        at = pos - self._base
+        if at < 0 or at + length > len(self._buf):
+            self.window(pos, length)
+            at = 0
+        return self._view[at : at + length]
 
     def record_from(self, pos: int) -> None:
         """Keep the bytes from ``pos`` (in the window) on, until ``recorded``."""
