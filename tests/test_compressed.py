@@ -331,3 +331,21 @@ def test_dump_json_of_a_compressed_image(images, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["libvirt"]["format"] == "bzip2" and info["format"] == "stream"
     assert info["stream_start"] == len(libvirt_header("bzip2"))
+
+
+def test_device_sizes_are_checked_against_the_description(tmp_path, legacy_stream):
+    """Forward, the footers delimit the device sections (the description comes after
+    them); a description that sizes one otherwise is a problem at that section."""
+    with mappedram.open(fixture_file(LEGACY)) as raw:
+        eof, desc = raw.eof_offset, raw.vmdesc
+        first = raw.devices[0]
+    desc["devices"][0]["fields"][0]["size"] += 1
+    text = json.dumps(desc).encode()
+    stream = legacy_stream[: eof + 1] + S.VmDescriptionHead.build({"length": len(text)}) + text
+    path = write_image(tmp_path / "desc.sav", "gzip", stream)
+    report = mappedram.verify(path)
+    at = len(libvirt_header("gzip")) + first.payload_offset
+    expected = f"expected the {first.payload_length + 1} bytes of {first.idstr}'s state the VM description gives"
+    assert [(p.offset, p.text) for p in report.problems] == [
+        (at, f"{expected}, found {first.payload_length} before its footer")
+    ]

@@ -35,7 +35,7 @@ from .blocks import RamBlock, check_claim, read_exact
 from .channels import pwrite_all
 from .copy_plan import copy_range
 from .encoder import DeviceState, StreamComposer
-from .forward import FileWriter, ForwardSnapshot, open_image, pwritev_all
+from .forward import IOV_MAX, FileWriter, ForwardSnapshot, open_image
 from .output import OutputFile, output_file
 from .snapshot import Snapshot
 
@@ -151,14 +151,14 @@ def _copy_block(block: RamBlock, fd: int, place: BlockPlace) -> Iterator[int]:
             at = next_page = -1
             for first, count, offset in zip(firsts[i:j].tolist(), counts[i:j].tolist(), offsets[i:j].tolist()):
                 if first != next_page and views:
-                    pwritev_all(fd, views, at)
+                    pwrite_all(fd, memoryview(b"".join(views)), at)  # one copy: cheaper than 4 KiB iovecs
                     views = []
                 if not views:
                     at = place.page_offset(first)
                 views.append(buf[offset - lo : offset - lo + count * ps])
                 next_page = first + count
             if views:
-                pwritev_all(fd, views, at)
+                pwrite_all(fd, memoryview(b"".join(views)), at)
             yield int(counts[i:j].sum()) * ps
             i = j
 
@@ -201,18 +201,6 @@ def to_mapped_ram(
         raise
 
 
-def _stored_pages(block: RamBlock) -> Iterator[tuple[int, np.ndarray]]:
-    """The pages the file holds for ``block``, as (first page, rows) read PIECE_BYTES at a time."""
-    ps = block.page_size
-    per = max(1, PIECE_BYTES // ps)
-    for ext in block.extents():
-        for k in range(0, ext.count, per):
-            count = min(per, ext.count - k)
-            rows = np.empty((count, ps), dtype=np.uint8)
-            read_exact(block.fd, memoryview(rows).cast("B"), ext.file_offset + k * ps, f"pages of {block.name!r}")
-            yield ext.first_page + k, rows
-
-
 # A CONTINUE PAGE record is its RAM word and the data (RamPageRecordHead without the
 # name): built here without the schema, per page in a forward pass and per 8 MiB of pages
 # as arrays, where the composer's schema costs some 20 us a record.
@@ -241,20 +229,28 @@ class _RecordWriter:
         self.last = block.name
 
 
-def _page_records(name: str | None, first: int, rows: np.ndarray, comp: StreamComposer) -> Iterator[Any]:
-    """PAGE records of the non-zero ``rows`` (pages ``first``...): the first one with
-    ``name`` unless None, the others CONTINUE, as few buffers."""
-    ps = rows.shape[1]
-    pages = np.flatnonzero(rows.view(np.uint64).any(axis=1))
-    if len(pages) and name is not None:
-        yield comp.page_record(name, first + int(pages[0]), rows[pages[0]].data)
-        pages = pages[1:]
-    if len(pages):
-        records = np.empty((len(pages), 8 + ps), dtype=np.uint8)
-        words = (pages.astype(np.uint64) + np.uint64(first)) * np.uint64(ps) | np.uint64(_CONTINUE_PAGE)
-        records[:, :8] = words.astype(">u8").view(np.uint8).reshape(-1, 8)
-        records[:, 8:] = rows[pages]
-        yield records.data
+def _stored_records(block: RamBlock) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """The pages the file holds for ``block``, PIECE_BYTES at a time, read straight into
+    CONTINUE PAGE records: (bytes of page data read, records (n, 8 + page size) with
+    their words set, which of them hold a non-zero page)."""
+    ps = block.page_size
+    per = max(1, PIECE_BYTES // ps)
+    for ext in block.extents():
+        for k in range(0, ext.count, per):
+            count = min(per, ext.count - k)
+            records = np.empty((count, 8 + ps), dtype=np.uint8)
+            pages = np.arange(ext.first_page + k, ext.first_page + k + count, dtype=np.uint64)
+            words = pages * np.uint64(ps) | np.uint64(_CONTINUE_PAGE)
+            records[:, :8] = words.astype(">u8").view(np.uint8).reshape(-1, 8)
+            offset = ext.file_offset + k * ps
+            for at in range(0, count, IOV_MAX):
+                views = [memoryview(row) for row in records[at : at + IOV_MAX, 8:]]
+                want = len(views) * ps
+                if os.preadv(block.fd, views, offset + at * ps) != want:  # a regular file reads whole
+                    raise FormatError(
+                        offset + at * ps, f"{want} bytes of {block.name!r}'s pages", "the end of the file"
+                    )
+            yield count * ps, records, records[:, 8:].view(np.uint64).any(axis=1)
 
 
 def _write_stream(src: Snapshot, out: Any, progress: Progress | None) -> None:
@@ -271,12 +267,16 @@ def _write_stream(src: Snapshot, out: Any, progress: Progress | None) -> None:
         total = sum(b.populated for b in src) * src.page_size
         done = 0
         for block in src:
-            name: str | None = block.name
-            for first, rows in _stored_pages(block):
-                for record in _page_records(name, first, rows, comp):
-                    out.write(record)
-                    name = None  # CONTINUE: same block as the previous record
-                done += rows.nbytes
+            named = False  # the block's first record carries its name, the others CONTINUE
+            for nbytes, records, nonzero in _stored_records(block):
+                if not nonzero.all():
+                    records = records[nonzero]
+                if len(records) and not named:
+                    page = int(records[0, :8].view(">u8")[0]) // block.page_size
+                    out.write(comp.page_record(block.name, page, records[0, 8:].data))
+                    records, named = records[1:], True
+                out.write(records.data)
+                done += nbytes
                 if progress:
                     progress(done, total)
     out.write(comp.section_end())

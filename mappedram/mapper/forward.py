@@ -41,7 +41,7 @@ from .prologue import read_libvirt, read_stream_prologue
 from .ram_section import StreamRamSectionReader
 from .snapshot import DEFAULT_PAGE_SIZE, Snapshot
 from .source import UNKNOWN_SIZE, Cursor, Source
-from .vmdesc import VMDESC_SEARCH_LIMIT
+from .vmdesc import VMDESC_SEARCH_LIMIT, device_payload_size
 from .walker import StreamWalker
 
 __all__ = ["ForwardSnapshot", "PageConsumer", "open_image"]
@@ -345,6 +345,30 @@ class ForwardSnapshot(Snapshot):
             except ValueError as err:
                 self._vmdesc_error = str(err)
                 self.problems.append(Problem(offset, f"expected a VM description in JSON, found {err}"))
+            else:
+                self._check_device_sizes()
+
+    def _check_device_sizes(self) -> None:
+        """The footers delimited the device sections; the description, read after them,
+        must give the same sizes (where the random-access reader takes its sizes from)."""
+        devices = (self._vmdesc or {}).get("devices")
+        if not isinstance(devices, list):
+            return
+        for sec, dev in zip(self.devices, devices):
+            if not isinstance(dev, dict) or dev.get("name") != sec.idstr:
+                continue  # verify reports a description out of order
+            try:
+                size = device_payload_size(dev)
+            except (KeyError, TypeError, ValueError, OverflowError, RecursionError):  # JSON is free-form
+                continue
+            if size != sec.payload_length:
+                self.problems.append(
+                    Problem(
+                        sec.payload_offset or sec.offset,
+                        f"expected the {size} bytes of {sec.idstr}'s state the VM description gives, "
+                        f"found {sec.payload_length} before its footer",
+                    )
+                )
 
     def _walk_all(self) -> None:
         self.walk_all()
