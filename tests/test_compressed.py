@@ -349,3 +349,19 @@ def test_device_sizes_are_checked_against_the_description(tmp_path, legacy_strea
     assert [(p.offset, p.text) for p in report.problems] == [
         (at, f"{expected}, found {first.payload_length} before its footer")
     ]
+
+
+@pytest.mark.skipif(not shutil.which("zstd"), reason="needs the zstd program")
+def test_zstd_through_the_program_without_the_module(images, monkeypatch):
+    from mappedram.mapper import compression
+
+    monkeypatch.setattr(compression, "_zstandard_available", lambda: False)
+    report = mappedram.verify(images["zstd"], hash_blocks=True)
+    assert report.ok and report.hashes["pc.ram"] == qemu_hashes()["pc.ram"]
+    damaged = bytearray(images["zstd"].read_bytes())
+    start = len(libvirt_header("zstd"))
+    damaged[start + 5000 : start + 5100] = bytes(100)
+    path = images["zstd"].with_name("damaged.zstd")
+    path.write_bytes(bytes(damaged))
+    report = mappedram.verify(path, hash_blocks=True)  # the program's output before it notices
+    assert not report.ok and len(report.problems) == 1 and not report.hashes
