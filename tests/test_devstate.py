@@ -4,11 +4,13 @@ and QEMU's own `info registers` as the oracle for the cpu section."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
 import shutil
 import struct
+import subprocess
 import time
 from types import SimpleNamespace
 
@@ -17,6 +19,7 @@ from craft import truncate_copy
 
 import mappedram
 from mappedram.cli import main
+from mappedram.mapper.cpunotes import HF_LMA, notes_for, x86_cpus
 from mappedram.mapper.devstate import all_device_states, decode_section, device_state
 
 # What tests/guest/boot.S sets up: a flat GDT of three entries, CS 0x08, data 0x10, the stack
@@ -459,20 +462,30 @@ def _info_registers(text):
     return regs, segs, tables
 
 
-@pytest.mark.qemu
-def test_cpu_section_equals_info_registers(tmp_path):
+@pytest.fixture(scope="module")
+def paused_qemu(tmp_path_factory):
+    """One paused run of the project's guest: QEMU's `info registers`, its dump-guest-memory
+    core, and its mapped-ram save, all of the same stopped vCPU."""
     from qemu_vm import Vm, boot_and_wait, build_guest, qemu_binary, save
 
     if qemu_binary() is None or shutil.which("as") is None:
         if os.environ.get("CI"):
             raise RuntimeError("CI needs qemu-system-x86_64 >= 10 and GNU as: run .ci/install-qemu")
         pytest.skip("needs qemu-system-x86_64 >= 10.0 and GNU as (see .ci/install-qemu)")
-    path = tmp_path / "regs.sav"
-    with Vm(tmp_path, build_guest(tmp_path), name=f"regs{time.monotonic_ns()}") as vm:
+    workdir = tmp_path_factory.mktemp("devstate")
+    files = SimpleNamespace(save=workdir / "regs.sav", core=workdir / "qemu.core")
+    with Vm(workdir, build_guest(workdir), name=f"regs{time.monotonic_ns()}") as vm:
         boot_and_wait(vm)
         vm.cmd("stop")
-        text = vm.hmp("info registers")
-        save(vm, f"file:{path}", mapped_ram=True)
+        files.registers = vm.hmp("info registers")
+        vm.cmd("dump-guest-memory", paging=False, protocol=f"file:{files.core}")
+        save(vm, f"file:{files.save}", mapped_ram=True)
+    return files
+
+
+@pytest.mark.qemu
+def test_cpu_section_equals_info_registers(paused_qemu):
+    text, path = paused_qemu.registers, paused_qemu.save
     regs, segs, tables = _info_registers(text)
     with mappedram.open(path) as snap:
         cpu = _cpu(snap)
@@ -502,3 +515,121 @@ def test_cpu_section_equals_info_registers(tmp_path):
         seg = cpu[f"env.{name.lower()}"]
         assert (seg["base"], seg["limit"]) == (base, limit)
     assert regs["EIP"][0] != 0 and regs["ESP"][0] == 0x7C00 and tables["GDT"][0] != 0
+
+
+# -- the vCPUs as ELF core notes -------------------------------------------------------------
+_GDB_LINE = re.compile(r"^(\w+)\s+(0x[0-9a-f]+)\s", re.M)
+I386_GDB = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
+X86_64_GDB = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi") + tuple(f"r{n}" for n in range(8, 16))
+SEG_NAMES = ("es", "cs", "ss", "ds", "fs", "gs")
+
+
+def _gdb_registers(core, extra=""):
+    """What `gdb -batch -ex 'info registers' -c CORE` shows (plus `info registers EXTRA`)."""
+    if shutil.which("gdb") is None:
+        pytest.skip("needs gdb")
+    commands = ["-ex", "info registers"] + (["-ex", f"info registers {extra}"] if extra else [])
+    out = subprocess.run(
+        ["gdb", "-nx", "-batch", *commands, "-c", str(core)], capture_output=True, text=True, timeout=120
+    ).stdout
+    return {m[1]: int(m[2], 16) for m in _GDB_LINE.finditer(out)}
+
+
+def _notes(core):
+    """(name, type, desc) of every note in the PT_NOTE segment of an ELF64 core, and e_machine."""
+    data = core.read_bytes()[: 1 << 16]
+    machine = struct.unpack_from("<H", data, 18)[0]
+    phoff, phentsize, phnum = struct.unpack_from("<Q", data, 32)[0], *struct.unpack_from("<HH", data, 54)
+    for i in range(phnum):
+        p_type, _, offset, _, _, size = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+        if p_type == 4:
+            break
+    else:
+        return machine, []
+    notes, pos = [], offset
+    while pos < offset + size:
+        namesz, descsz, kind = struct.unpack_from("<III", data, pos)
+        name_at = pos + 12
+        desc_at = name_at + -(-namesz // 4) * 4
+        notes.append((data[name_at : name_at + namesz], kind, data[desc_at : desc_at + descsz]))
+        pos = desc_at + -(-descsz // 4) * 4
+    return machine, notes
+
+
+def test_export_carries_the_registers_gdb_reads(paused_mr, tmp_path):
+    core = tmp_path / "core.elf"
+    assert main(["export-elf", str(paused_mr), "-o", str(core)]) == 0
+    machine, notes = _notes(core)
+    assert machine == 3  # EM_386: the guest is not in long mode, as QEMU decides
+    assert [(n, t, len(d)) for n, t, d in notes] == [(b"CORE\0", 1, 144), (b"QEMU\0", 0, 440)]
+    with mappedram.open(paused_mr) as snap:
+        cpu = _cpu(snap)
+    gdb = _gdb_registers(core)
+    assert [gdb[name] for name in I386_GDB] == [v & 0xFFFFFFFF for v in cpu["env.regs"][:8]]
+    assert (gdb["eip"], gdb["eflags"]) == (cpu["env.eip"], cpu["env.eflags"])
+    assert [gdb[name] for name in SEG_NAMES] == [s["selector"] for s in cpu["env.segs"]]
+
+
+def test_x86_64_prstatus_as_gdb_reads_it(paused_mr, tmp_path):
+    """A long-mode vCPU (the fixture's, with every register made distinct) in an x86_64 core."""
+    with mappedram.open(paused_mr) as snap:
+        (real,) = x86_cpus(snap)
+    segs = tuple(dataclasses.replace(s, selector=0x10 + 8 * i, base=0x1000 * (i + 1)) for i, s in enumerate(real.segs))
+    cpu = dataclasses.replace(
+        real,
+        regs=tuple(0x1111_0000_0000 + i for i in range(16)),
+        rip=0xFFFF_FFFF_8100_0000,
+        rflags=0x246,
+        hflags=real.hflags | HF_LMA,
+        segs=segs,
+    )
+    notes = notes_for([cpu])
+    assert notes.machine == 62
+    header = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\2\1\1", 4, 62, 1, 0, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    header += struct.pack("<IIQQQQQQ", 4, 0, 120, 0, 0, len(notes.data), len(notes.data), 0)
+    core = tmp_path / "x86_64.core"
+    core.write_bytes(header + notes.data)
+    gdb = _gdb_registers(core, "fs_base gs_base")
+    assert [gdb[name] for name in X86_64_GDB] == list(cpu.regs)
+    assert (gdb["rip"], gdb["eflags"]) == (cpu.rip, 0x246)
+    assert [gdb[name] for name in SEG_NAMES] == [s.selector for s in segs]
+    assert (gdb["fs_base"], gdb["gs_base"]) == (segs[4].base, segs[5].base)
+
+
+def test_no_description_no_notes(paused_mr, tmp_path):
+    with mappedram.open(paused_mr) as snap:
+        eof = snap.eof_offset
+    bare = truncate_copy(paused_mr, tmp_path / "no-vmdesc.sav", eof + 1)
+    core = tmp_path / "core.elf"
+    assert main(["export-elf", str(bare), "-o", str(core)]) == 0
+    assert _notes(core) == (62, [])
+
+
+def test_undecodable_cpu_section_is_one_line(paused_mr, tmp_path, capsys):
+    with mappedram.open(paused_mr) as snap:
+        at = snap.vmdesc_location[0]
+        vmdesc = copy.deepcopy(snap.vmdesc)
+        cpu = next(s for s in snap.devices if s.idstr == "cpu")
+    next(f for f in _cpu_desc(vmdesc)["fields"] if f["name"] == "env.eip")["type"] = "bool"
+    text = json.dumps(vmdesc).encode()
+    path = truncate_copy(paused_mr, tmp_path / "retyped.sav", at)
+    with open(path, "ab") as f:
+        f.write(b"\x06" + struct.pack(">I", len(text)) + text)
+    assert main(["export-elf", str(path), "-o", str(tmp_path / "core.elf")]) == 1
+    eip_at = cpu.payload_offset + 16 * 8
+    assert capsys.readouterr().err == (
+        f"mappedram: {path}: offset {cpu.payload_offset:#x} ({cpu.payload_offset}): expected the registers of an "
+        f"x86 cpu section, found offset {eip_at:#x}: expected 1 bytes for bool cpu/env.eip, found a size of 8\n"
+    )
+    assert not (tmp_path / "core.elf").exists()
+
+
+@pytest.mark.qemu
+def test_notes_equal_dump_guest_memory(paused_qemu, tmp_path):
+    """Our export of the save carries the very notes QEMU's dump-guest-memory wrote."""
+    ours = tmp_path / "ours.core"
+    assert main(["export-elf", str(paused_qemu.save), "-o", str(ours)]) == 0
+    machine, notes = _notes(ours)
+    assert (machine, notes) == _notes(paused_qemu.core)
+    assert [(n, t, len(d)) for n, t, d in notes] == [(b"CORE\0", 1, 144), (b"QEMU\0", 0, 440)]
+    assert _gdb_registers(ours) == _gdb_registers(paused_qemu.core)
