@@ -373,6 +373,8 @@ def test_hostile_changes_to_the_real_cpu_description(paused_mr):
 
         state = decode_section(_Redescribed(snap, {"devices": "nope"}), cpu_section)
         assert [p.text for p in state.problems] == ["expected a VM description with a device list, found none"]
+        state = decode_section(_Redescribed(snap, {"devices": [{"name": "cpu", "instance_id": 1}]}), cpu_section)
+        assert [p.text for p in state.problems] == ["expected 'cpu' instance 0 in the VM description, found none"]
 
 
 def test_every_single_field_type_swap_is_handled(paused_mr):
@@ -442,9 +444,12 @@ def test_cli_warns_with_the_offset(paused_mr, tmp_path, capsys):
     with open(path, "ab") as f:
         f.write(b"\x06" + struct.pack(">I", len(text)) + text)
     assert main(["dump", str(path), "--state"]) == 0
-    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    out = capsys.readouterr().out.splitlines()
     eip_at = cpu.payload_offset + 16 * 8
-    assert warnings == [f"  warning: offset {eip_at:#x}: expected 1 bytes for nullptr cpu/env.eip, found a size of 8"]
+    problem = f"offset {eip_at:#x}: expected 1 bytes for nullptr cpu/env.eip, found a size of 8"
+    assert [line for line in out if "warning" in line] == [f"  warning: {problem}"]
+    assert f"  env.eip: PROBLEM: {problem}" in out
+    assert "    0000: " + " ".join(["00"] * 32) in out  # slirp's 131-byte buffer, as a hex dump
 
 
 # -- QEMU's own view of the registers ----------------------------------------------------------

@@ -9,10 +9,10 @@ took, so a field this module cannot make sense of becomes a problem and decoding
 on at the next field.
 
 On the wire (migration/vmstate.c, vmstate-types.c): every integer is big-endian (the
-" equal" and " le" suffixes name a check on load: equal to, or less or equal to, the
-running value; they do not change the encoding); a bool is one byte; a null entry of an array of pointers is the byte
-``'0'`` (0x30); a capability is ``u8 len, name``; a subsection is ``0x05, u8 len, name,
-be32 version`` followed by its own fields and subsections.
+" equal" and " le" suffixes name a check on load, equal to or less or equal to the
+running value, not an encoding); a bool is one byte; a null entry of an array of
+pointers is the byte ``'0'`` (0x30); a capability is ``u8 len, name``; a subsection is
+``0x05, u8 len, name, be32 version`` followed by its own fields and subsections.
 """
 
 from __future__ import annotations
@@ -250,27 +250,27 @@ def _require_size(pos: int, size: int, width: int, kind: str, where: str) -> Non
         raise _Bad(pos, f"expected {width} bytes for {kind} {where}, found a size of {size}")
 
 
-def _descriptions(snap: Any) -> tuple[dict[tuple[str, int], Mapping[str, Any]], str | None]:
+_Table = dict[tuple[str, int], Mapping[str, Any]]
+
+
+def _descriptions(snap: Any) -> _Table:
+    """The description of each device by (name, instance id); empty without a description."""
     vmdesc = snap.vmdesc
     devices = vmdesc.get("devices") if isinstance(vmdesc, Mapping) else None
-    if not isinstance(devices, list):
-        return {}, "a VM description with a device list, found none"
-    table: dict[tuple[str, int], Mapping[str, Any]] = {}
-    for dev in devices:
+    table: _Table = {}
+    for dev in devices if isinstance(devices, list) else ():
         if isinstance(dev, Mapping) and isinstance(dev.get("name"), str):
             instance = dev.get("instance_id", 0)
             table.setdefault((dev["name"], instance if type(instance) is int else -1), dev)
-    return table, None
+    return table
 
 
-def decode_section(
-    snap: Any, section: Any, table: Mapping[tuple[str, int], Mapping[str, Any]] | None = None
-) -> DeviceState:
+def decode_section(snap: Any, section: Any) -> DeviceState:
     """Decode one device section (an item of ``snap.devices``)."""
-    if table is None:
-        table, missing = _descriptions(snap)
-    else:
-        missing = None if table else "a VM description with a device list, found none"
+    return _decode(snap, section, _descriptions(snap))
+
+
+def _decode(snap: Any, section: Any, table: _Table) -> DeviceState:
     base, length = section.payload_offset, section.payload_length or 0
     desc = table.get((section.idstr, section.instance_id))
     state = DeviceState(
@@ -284,8 +284,11 @@ def decode_section(
         {},
     )
     if desc is None:
-        why = missing or f"a description of {section.idstr!r} instance {section.instance_id}, found none"
-        state.problems.append(StateProblem(base, f"expected {why}"))
+        if table:
+            why = f"{section.idstr!r} instance {section.instance_id} in the VM description"
+        else:
+            why = "a VM description with a device list"
+        state.problems.append(StateProblem(base, f"expected {why}, found none"))
         return state
     if length > MAX_PAYLOAD:
         state.problems.append(
@@ -323,8 +326,8 @@ def device_state(snap: Any, idstr: str, instance_id: int = 0) -> dict[str, Any]:
 
 def all_device_states(snap: Any) -> list[DeviceState]:
     """Every FULL device section, decoded, in stream order."""
-    table, _ = _descriptions(snap)
-    return [decode_section(snap, section, table) for section in snap.devices]
+    table = _descriptions(snap)
+    return [_decode(snap, section, table) for section in snap.devices]
 
 
 def jsonable(value: Any) -> Any:
