@@ -14,6 +14,7 @@ import subprocess
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from craft import truncate_copy
 
@@ -399,6 +400,39 @@ def test_every_single_field_type_swap_is_handled(paused_mr):
                     before = [f["name"] for f in dev["fields"][:i] if f["name"] != fdesc["name"]]
                     assert [state.fields[n] for n in before] == [real[n] for n in before]
                 fdesc["type"] = original
+
+
+def _nodes(value, found):
+    if isinstance(value, (dict, list)):
+        found.append(value)
+        for item in value.values() if isinstance(value, dict) else value:
+            _nodes(item, found)
+    return found
+
+
+def test_randomly_damaged_descriptions(paused_mr):
+    """Keys of the real description set to wrong values at random (seeded): every section
+    decodes to problems inside itself and JSON, never an exception."""
+    rng = np.random.default_rng(15)
+    values = [None, -1, 0, 1, 2**70, "x", [], {}, 1.5, True, "struct", "nullptr", "capability", 10**9]
+    keys = ["name", "type", "size", "array_len", "index", "struct", "fields", "subsections", "vmsd_name", "version"]
+    with mappedram.open(paused_mr) as snap:
+        spans = {(s.idstr, s.instance_id): (s.offset, s.payload_offset + s.payload_length) for s in snap.devices}
+        text = json.dumps(snap.vmdesc)
+        for _ in range(40):
+            vmdesc = json.loads(text)
+            nodes = _nodes(vmdesc["devices"], [])
+            for _ in range(rng.integers(1, 6)):
+                node = nodes[rng.integers(len(nodes))]
+                value = values[rng.integers(len(values))]
+                if isinstance(node, dict):
+                    node[keys[rng.integers(len(keys))]] = value
+                elif node:
+                    node[rng.integers(len(node))] = value
+            for state in all_device_states(_Redescribed(snap, vmdesc)):
+                start, end = spans[state.idstr, state.instance_id]
+                assert all(start <= p.offset <= end for p in state.problems)
+                json.dumps(state.describe())
 
 
 # -- the command line ------------------------------------------------------------------------
