@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FormatError
-from .devstate import all_device_states
+from .devstate import decode_section
 
 EM_386, EM_X86_64 = 3, 62
 NT_PRSTATUS = 1
@@ -92,8 +92,11 @@ def x86_cpus(snap: Any) -> list[X86Cpu]:
     """Every x86 vCPU of the snapshot (empty for other targets or without a description).
     Raises FormatError when an x86 cpu section does not decode."""
     cpus = []
-    for state in all_device_states(snap):
-        if state.idstr != "cpu" or state.vmsd_name != "cpu" or "env.eip" not in state.fields:
+    for section in snap.devices:
+        if section.idstr != "cpu":
+            continue
+        state = decode_section(snap, section)
+        if state.vmsd_name != "cpu" or "env.eip" not in state.fields:
             continue
         f = state.fields
         try:
