@@ -21,7 +21,7 @@ from craft import truncate_copy
 import mappedram
 from mappedram.cli import main
 from mappedram.mapper.cpunotes import HF_LMA, cpu_notes, notes_for, x86_cpus
-from mappedram.mapper.devstate import all_device_states, decode_section, device_state
+from mappedram.mapper.devstate import all_device_states, configuration_state, decode_section, device_state
 
 # What tests/guest/boot.S sets up: a flat GDT of three entries, CS 0x08, data 0x10, the stack
 # at 0x7c00, and EDI walking the pages of [1 MiB, RAM - 1 MiB).
@@ -40,6 +40,23 @@ def test_every_fixture_decodes_without_problems(fixture_path):
         assert [(s.idstr, s.instance_id) for s in states] == [(s.idstr, s.instance_id) for s in snap.devices]
         assert [str(p) for s in states for p in s.problems] == []
         assert len(states) == len(snap.vmdesc["devices"])
+
+
+def test_configuration_section(fixture_path):
+    with mappedram.open(fixture_path) as snap:
+        config = configuration_state(snap)
+        machine, capabilities = snap.machine_type, snap.capabilities
+        hostile = copy.deepcopy(snap.vmdesc)
+        hostile["configuration"]["fields"][1]["size"] += 1
+        damaged = configuration_state(_Redescribed(snap, hostile))
+    assert config.problems == []
+    assert config.fields["name"] == machine.encode() and config.fields["len"] == len(machine)
+    sub = config.fields.get("configuration/capabilities", {"caps_count": 0, "capabilities": []})
+    names = sub["capabilities"] if isinstance(sub["capabilities"], list) else [sub["capabilities"]]
+    assert sub["caps_count"] == len(names) and tuple(names) == capabilities
+    end = config.payload_offset + config.payload_length
+    assert damaged.problems and all(config.payload_offset < p.offset <= end for p in damaged.problems)
+    assert damaged.fields["len"] == len(machine)
 
 
 def test_cpu_section_matches_the_guest(fixture_path, manifest):
@@ -335,6 +352,7 @@ class _Redescribed:
 
     def __init__(self, snap, vmdesc):
         self.vmdesc, self.devices, self.read_bytes = vmdesc, snap.devices, snap.read_bytes
+        self.stream_start, self.sections, self.size = snap.stream_start, snap.sections, snap.size
 
 
 def _cpu_desc(vmdesc):
@@ -445,10 +463,13 @@ def test_cli_state_and_desc(paused_mr, capsys):
         eip = _cpu(snap)["env.eip"]
         vmdesc = snap.vmdesc
     assert re.search(r"^cpu \(instance 0 v12, 1882 bytes at 0x[0-9a-f]+\)$", out, re.M)
+    assert out.startswith("configuration (instance 0 v1, ")
     assert f"\n  env.eip: {eip:#x}\n" in out
     assert "warning" not in out
     assert main(["dump", str(paused_mr), "--state", "--json"]) == 0
-    devices = json.loads(capsys.readouterr().out)["devices"]
+    info = json.loads(capsys.readouterr().out)
+    assert info["configuration"]["fields"]["name"] == "pc-i440fx-10.0".encode().hex()
+    devices = info["devices"]
     cpu = next(d for d in devices if d["idstr"] == "cpu")
     assert cpu["fields"]["env.eip"] == eip and cpu["problems"] == []
     assert main(["dump", str(paused_mr), "--desc"]) == 0

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, TextIO
 
 from ..errors import FormatError
+from ..formats.constants import SectionType
+from ..formats.structs import QevmHeader
 
 MAX_DEPTH = 32  # nested structs; QEMU's deepest x86 descriptions have 4
 MAX_PAYLOAD = 64 << 20  # a device section larger than this is not decoded
@@ -330,6 +332,33 @@ def all_device_states(snap: Any) -> list[DeviceState]:
     return [_decode(snap, section, table) for section in snap.devices]
 
 
+def configuration_state(snap: Any) -> DeviceState | None:
+    """The configuration section (machine type, capabilities) decoded with the description's
+    "configuration" entry; None when the file has either not."""
+    vmdesc = snap.vmdesc
+    desc = vmdesc.get("configuration") if isinstance(vmdesc, Mapping) else None
+    start = snap.stream_start + QevmHeader.sizeof()
+    sections = snap.sections
+    end = sections[0].offset if sections else snap.size
+    if not isinstance(desc, Mapping) or not start < end <= start + MAX_PAYLOAD:
+        return None
+    if snap.read_bytes(start, 1)[0] != SectionType.CONFIGURATION:
+        return None
+    base, length = start + 1, end - start - 1
+    version = desc.get("version")
+    state = DeviceState(
+        "configuration", 0, version if type(version) is int else None, None, base, length, "configuration", {}
+    )
+    decoder = _Decoder(snap.read_bytes(base, length), base)
+    state.fields, after = decoder.vmsd(desc, 0, length, "configuration", 0)
+    if after is not None and after != length:
+        state.fields["_problem"] = decoder.note(
+            after, f"expected the end of the configuration section, found {length - after} more bytes"
+        )
+    state.problems = decoder.problems
+    return state
+
+
 def jsonable(value: Any) -> Any:
     """Decoded values as JSON: bytes become hex strings."""
     if isinstance(value, (bytes, bytearray)):
@@ -355,12 +384,18 @@ def print_device_states(snap: Any, out: TextIO, *, desc: bool = False, as_json: 
         json.dump(vmdesc, out, indent=2)
         out.write("\n")
         return
+    config = configuration_state(snap)
     states = all_device_states(snap)
     if as_json:
-        json.dump({"file": snap.path, "devices": [s.describe() for s in states]}, out, indent=2)
+        info = {
+            "file": snap.path,
+            "configuration": config.describe() if config else None,
+            "devices": [s.describe() for s in states],
+        }
+        json.dump(info, out, indent=2)
         out.write("\n")
     else:
-        for line in format_states(states):
+        for line in format_states(([config] if config else []) + states):
             out.write(line + "\n")
 
 
