@@ -12,6 +12,7 @@ import shutil
 import struct
 import subprocess
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -512,8 +513,12 @@ def test_cli_warns_with_the_offset(paused_mr, tmp_path, capsys):
 # -- QEMU's own view of the registers ----------------------------------------------------------
 _SEGMENT = re.compile(r"^(ES|CS|SS|DS|FS|GS|LDT|TR)\s*=([0-9a-f]+) ([0-9a-f]+) ([0-9a-f]+) ([0-9a-f]+)", re.M)
 _TABLE = re.compile(r"^(GDT|IDT)=\s+([0-9a-f]+) ([0-9a-f]+)", re.M)
-_REGISTER = re.compile(r"\b([A-Z][A-Z0-9]*)=([0-9a-f]+)\b")
-_GPR = ("EAX", "ECX", "EDX", "EBX", "ESP", "EBP", "ESI", "EDI")  # QEMU's R_EAX... order
+_REGISTER = re.compile(r"\b([A-Z][A-Z0-9]*)\s*=([0-9a-f]+)\b")  # "R8 =..." has a space
+# QEMU's env.regs order, as `info registers` names them outside and inside long mode
+_GPR_32 = ("EAX", "ECX", "EDX", "EBX", "ESP", "EBP", "ESI", "EDI")
+_GPR_64 = tuple("R" + n[1:] for n in _GPR_32) + tuple(f"R{n}" for n in range(8, 16))
+LONG_MODE_GUEST = Path(__file__).resolve().parent / "guest" / "long_mode.S"
+LONG_MARK = 0x474E4F4C  # "LONG" at 0x500, then a counter at 0x508
 
 
 def _info_registers(text):
@@ -524,20 +529,43 @@ def _info_registers(text):
     return regs, segs, tables
 
 
-@pytest.fixture(scope="module")
-def paused_qemu(tmp_path_factory):
-    """One paused run of the project's guest: QEMU's `info registers`, its dump-guest-memory
-    core, and its mapped-ram save, all of the same stopped vCPU."""
+def _build_long_mode_guest(workdir):
+    obj, elf, img = workdir / "long.o", workdir / "long.elf", workdir / "long.img"
+    subprocess.run(["as", "--64", "-o", obj, LONG_MODE_GUEST], check=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x7c00", "-e", "_start", "-o", elf, obj], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", elf, img], check=True)
+    data = img.read_bytes()
+    assert len(data) == 512 and data[510:] == b"\x55\xaa", len(data)
+    img.write_bytes(data + bytes((1 << 20) - 512))
+    return img
+
+
+def _wait_long_mode(vm):
+    deadline = time.monotonic() + 60
+    while not (vm.read_u32(0x500) == LONG_MARK and vm.read_u32(0x508) > 2):
+        assert time.monotonic() < deadline, "the long-mode guest did not start"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module", params=["protected", "long"])
+def paused_qemu(request, tmp_path_factory):
+    """One paused run of a guest (boot.S in 32-bit protected mode, or long_mode.S): QEMU's
+    `info registers`, its dump-guest-memory core and its mapped-ram save of the same vCPU."""
     from qemu_vm import Vm, boot_and_wait, build_guest, qemu_binary, save
 
     if qemu_binary() is None or shutil.which("as") is None:
         if os.environ.get("CI"):
             raise RuntimeError("CI needs qemu-system-x86_64 >= 10 and GNU as: run .ci/install-qemu")
         pytest.skip("needs qemu-system-x86_64 >= 10.0 and GNU as (see .ci/install-qemu)")
-    workdir = tmp_path_factory.mktemp("devstate")
-    files = SimpleNamespace(save=workdir / "regs.sav", core=workdir / "qemu.core")
-    with Vm(workdir, build_guest(workdir), name=f"regs{time.monotonic_ns()}") as vm:
-        boot_and_wait(vm)
+    workdir = tmp_path_factory.mktemp(f"devstate-{request.param}")
+    long_mode = request.param == "long"
+    image = _build_long_mode_guest(workdir) if long_mode else build_guest(workdir)
+    files = SimpleNamespace(long_mode=long_mode, save=workdir / "regs.sav", core=workdir / "qemu.core")
+    with Vm(workdir, image, name=f"regs{time.monotonic_ns()}") as vm:
+        if long_mode:
+            _wait_long_mode(vm)
+        else:
+            boot_and_wait(vm)
         vm.cmd("stop")
         files.registers = vm.hmp("info registers")
         vm.cmd("dump-guest-memory", paging=False, protocol=f"file:{files.core}")
@@ -547,19 +575,19 @@ def paused_qemu(tmp_path_factory):
 
 @pytest.mark.qemu
 def test_cpu_section_equals_info_registers(paused_qemu):
-    text, path = paused_qemu.registers, paused_qemu.save
-    regs, segs, tables = _info_registers(text)
-    with mappedram.open(path) as snap:
+    regs, segs, tables = _info_registers(paused_qemu.registers)
+    with mappedram.open(paused_qemu.save) as snap:
         cpu = _cpu(snap)
 
     def same(name, value):
         shown, digits = regs[name]
         assert value & ((1 << 4 * digits) - 1) == shown, name
 
-    for i, name in enumerate(_GPR):
+    long_mode = paused_qemu.long_mode
+    for i, name in enumerate(_GPR_64 if long_mode else _GPR_32):
         same(name, cpu["env.regs"][i])
-    same("EIP", cpu["env.eip"])
-    same("EFL", cpu["env.eflags"])
+    same("RIP" if long_mode else "EIP", cpu["env.eip"])
+    same("RFL" if long_mode else "EFL", cpu["env.eflags"])
     for n in (0, 2, 3, 4):
         same(f"CR{n}", cpu[f"env.cr[{n}]"])
     same("EFER", cpu["env.efer"])
@@ -576,7 +604,11 @@ def test_cpu_section_equals_info_registers(paused_qemu):
     for name, (base, limit) in tables.items():
         seg = cpu[f"env.{name.lower()}"]
         assert (seg["base"], seg["limit"]) == (base, limit)
-    assert regs["EIP"][0] != 0 and regs["ESP"][0] == 0x7C00 and tables["GDT"][0] != 0
+    if long_mode:  # what long_mode.S set: page tables at 0x1000, PAE, LME+LMA, its registers
+        assert (regs["CR3"][0], regs["CR4"][0], regs["EFER"][0]) == (0x1000, 0x20, 0x500)
+        assert regs["R15"][0] == (1 << 64) - 1 and regs["RSP"][0] == 0x7000
+    else:
+        assert regs["EIP"][0] != 0 and regs["ESP"][0] == 0x7C00 and tables["GDT"][0] != 0
 
 
 # -- the vCPUs as ELF core notes -------------------------------------------------------------
@@ -703,5 +735,9 @@ def test_notes_equal_dump_guest_memory(paused_qemu, tmp_path):
     assert main(["export-elf", str(paused_qemu.save), "-o", str(ours)]) == 0
     machine, notes = _notes(ours)
     assert (machine, notes) == _notes(paused_qemu.core)
-    assert [(n, t, len(d)) for n, t, d in notes] == [(b"CORE\0", 1, 144), (b"QEMU\0", 0, 440)]
+    prstatus = (62, 336) if paused_qemu.long_mode else (3, 144)  # EM_X86_64 or EM_386
+    assert (machine, [(n, t, len(d)) for n, t, d in notes]) == (
+        prstatus[0],
+        [(b"CORE\0", 1, prstatus[1]), (b"QEMU\0", 0, 440)],
+    )
     assert _gdb_registers(ours) == _gdb_registers(paused_qemu.core)
