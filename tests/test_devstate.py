@@ -1,5 +1,6 @@
-"""Device sections decoded with the VM description: the fixtures, hostile descriptions,
-and QEMU's own `info registers` as the oracle for the cpu section."""
+"""Device sections decoded with the VM description, and the vCPUs as ELF core notes: the
+fixtures, hostile descriptions, and QEMU itself (`info registers`, `dump-guest-memory`) and
+gdb as the oracles."""
 
 from __future__ import annotations
 
@@ -28,7 +29,6 @@ from mappedram.mapper.devstate import all_device_states, configuration_state, de
 # at 0x7c00, and EDI walking the pages of [1 MiB, RAM - 1 MiB).
 GDT_ENTRIES = (0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
 R_ESP, R_EDI = 4, 7
-ES, CS, SS, DS = 0, 1, 2, 3
 
 
 def _cpu(snap):
