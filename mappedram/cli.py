@@ -18,6 +18,7 @@ from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
 from .mapper.blocks import not_in_file
 from .mapper.channels import MAX_CHANNELS, check_count
 from .mapper.convert import convert
+from .mapper.devstate import print_device_states
 from .mapper.physical import PhysicalView, export_elf
 from .mapper.restore import extract
 from .mapper.snapshot import Snapshot
@@ -79,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dump.add_argument("--json", action="store_true", help="print the stable JSON form (see README)")
     dump.add_argument("--no-sections", action="store_true", help="leave out the list of sections")
+    shown = dump.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--state", action="store_true", help="print every device's fields, decoded with the VM description"
+    )
+    shown.add_argument("--desc", action="store_true", help="print the VM description (the JSON after EOF)")
 
     ver = sub.add_parser(
         "verify",
@@ -223,6 +229,10 @@ def _print_dump(info: dict[str, Any]) -> None:
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
+    if args.state or args.desc:
+        with Snapshot(args.file, **_open_args(args)) as snap:
+            print_device_states(snap, sys.stdout, desc=args.desc, as_json=args.json)
+        return EXIT_OK
     with Snapshot(args.file, **_open_args(args)) as snap:
         info = snap.describe(sections=not args.no_sections)
         info["problems"] = [{"offset": p.offset, "message": p.text} for p in snap.problems]
