@@ -64,7 +64,7 @@ def load_vmdesc(src: Source, offset: int, length: int) -> dict[str, Any]:
     try:
         value = json.loads(data, parse_constant=_no_constant)
     except json.JSONDecodeError as err:  # pos counts characters; the text is ASCII in practice
-        raise ValueError(f"{err.msg} at {start + err.pos:#x}") from None
+        raise ValueError(f"{err.msg.removesuffix(' at')} at {start + err.pos:#x}") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"{err} in the JSON at {start:#x}") from None
     check_description(value, src.size)
@@ -123,7 +123,7 @@ def check_description(value: Any, file_size: int) -> None:
     for i, dev in enumerate(devices):
         where = f"devices[{i}]"
         _object(dev, where)
-        _str(dev.get("name"), f"{where}.name")
+        _str(dev.get("name", _MISSING), f"{where}.name")
         if "instance_id" in dev:
             _int(dev["instance_id"], f"{where}.instance_id", 0, 1 << 32)
         _check_state(dev, where, file_size)
@@ -135,7 +135,7 @@ def _check_state(obj: dict[str, Any], where: str, file_size: int) -> None:
     for j, field in enumerate(fields):
         at = f"{where}.fields[{j}]"
         _object(field, at)
-        _int(field.get("size"), f"{at}.size", 0, file_size + 1)
+        _int(field.get("size", _MISSING), f"{at}.size", 0, file_size + 1)
         if "array_len" in field:
             _int(field["array_len"], f"{at}.array_len", 0, file_size + 1)
     subsections = obj.get("subsections", [])
@@ -143,13 +143,18 @@ def _check_state(obj: dict[str, Any], where: str, file_size: int) -> None:
     for k, sub in enumerate(subsections):
         at = f"{where}.subsections[{k}]"
         _object(sub, at)
-        name = _str(sub.get("vmsd_name"), f"{at}.vmsd_name")
+        name = _str(sub.get("vmsd_name", _MISSING), f"{at}.vmsd_name")
         if len(name.encode("utf-8", "surrogatepass")) > 255:
             raise ValueError(f"a name longer than 255 bytes at {at}.vmsd_name")
         _check_state(sub, at, file_size)  # depth bounded by MAX_DEPTH
 
 
+_MISSING = object()  # a key that is not there
+
+
 def _kind(value: Any) -> str:
+    if value is _MISSING:
+        return "nothing"
     if isinstance(value, bool):
         return f"the boolean {json.dumps(value)}"
     if isinstance(value, (int, float)):
@@ -171,14 +176,13 @@ def _list(value: Any, where: str) -> None:
 
 def _str(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{_kind(value) if value is not None else 'nothing'} at {where}, where a string belongs")
+        raise ValueError(f"{_kind(value)} at {where}, where a string belongs")
     return value
 
 
 def _int(value: Any, where: str, low: int, end: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value < end:
-        shown = _kind(value) if value is not None else "nothing"
-        raise ValueError(f"{shown} at {where}, where an integer from {low} to {end - 1} belongs")
+        raise ValueError(f"{_kind(value)} at {where}, where an integer from {low} to {end - 1} belongs")
     return value
 
 
