@@ -19,8 +19,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from . import __version__
-from . import cli_args
+from . import __version__, cli_args
 from .errors import FormatError
 from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
 from .formats.policy import policy_for
@@ -55,13 +54,16 @@ characters escaped as \\xNN, \\uNNNN."""
 
 SIZES = "BYTES and ADDR: decimal or 0x hex; decimal sizes may end in K, M, G, T (binary: 4K = 4096)."
 
-EPILOG = f"{EXIT_CODES}\n\n{SIZES}\n\n" + """\
+EPILOG = (
+    f"{EXIT_CODES}\n\n{SIZES}\n\n"
+    + """\
 examples:
   mappedram dump vm.sav
   mappedram dump --json vm.sav | jq '.blocks[] | {name, pages_present}'
   mappedram verify --hash vm.sav
   mappedram extract vm.sav --block pc.ram -o pc.ram.raw
   mappedram convert legacy.sav vm.sav --to mapped-ram"""
+)
 SUB_EPILOG = f"{EXIT_CODES}\n\n{SIZES}"
 
 

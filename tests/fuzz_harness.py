@@ -274,7 +274,7 @@ def odd_json(rng: np.random.Generator, devices: list[dict] | None = None, page_s
         b'{"page_size": ' + b"9" * 5000 + b', "devices": []}',
         b'{"devices": [{"name": 5, "fields": [{"size": 1e400}]}]}',
         json.dumps({"devices": [{"name": "\x1b[31m\n", "subsections": [{"vmsd_name": 5}]}]}).encode(),
-        b'{"devices": "\xff\xfe", "x": "\ud800"}',
+        b'{"devices": "\xff\xfe", "x": "\\ud800"}',
     ]
     return odd[int(rng.integers(len(odd)))]
 

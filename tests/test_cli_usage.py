@@ -55,14 +55,20 @@ def test_sizes_take_hex_and_suffixes(text, value):
             "argument --map: expected a guest-physical address below 0x10000000000000000, "
             "found 'pc.ram=18446744073709551616'",
         ),
-        (["--map", "vga=0x123"], "argument --map: expected ADDR to be a multiple of 4096 (the x86 page), found 'vga=0x123'"),
+        (
+            ["--map", "vga=0x123"],
+            "argument --map: expected ADDR to be a multiple of 4096 (the x86 page), found 'vga=0x123'",
+        ),
         (["--map", "0xfd000000"], "argument --map: expected BLOCK=ADDR, e.g. vga.vram=0xfd000000, found '0xfd000000'"),
         (["--below-4g", "-1"], "argument --below-4g: expected a non-negative number of bytes"),
         (["--below-4g", "0x123"], "argument --below-4g: expected a multiple of 4096 (the x86 page) up to 4 GiB"),
         (["--below-4g", "5G"], "argument --below-4g: expected a multiple of 4096 (the x86 page) up to 4 GiB"),
         (["--offset", "-1"], "argument --offset: expected a non-negative number of bytes"),
         (["--offset", "0x8000000000000000"], "argument --offset: expected a file offset below 0x8000000000000000"),
-        (["--page-size", "0"], "argument --page-size: expected a power of two from 512 to 1073741824 (1 GiB), found '0'"),
+        (
+            ["--page-size", "0"],
+            "argument --page-size: expected a power of two from 512 to 1073741824 (1 GiB), found '0'",
+        ),
         (["--page-size", "3000"], "argument --page-size: expected a power of two from 512 to 1073741824"),
         (["--page-size", "2G"], "argument --page-size: expected a power of two from 512 to 1073741824"),
         (["--page-size", "9" * 5000], "argument --page-size: expected a non-negative number of bytes"),
@@ -82,9 +88,7 @@ def test_map_past_the_64_bit_address_space(capsys, paused_mr, tmp_path):
     argv[-1] = f"{vram}=0xfffffffffffff000"
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err == (
-        f"mappedram: {vram} at 0xfffffffffffff000 (16777216 bytes) ends past the 64-bit address space\n"
-    )
+    assert err == (f"mappedram: {vram} at 0xfffffffffffff000 (16777216 bytes) ends past the 64-bit address space\n")
     argv += ["--map", f"{vram}=0x10000000000"]
     assert main(argv) == 2
     assert capsys.readouterr().err == "mappedram: --map names a block twice\n"
@@ -181,7 +185,9 @@ def test_printable():
 
 def test_names_from_the_file_cannot_forge_lines(capsys, tmp_path):
     clean = write_snapshot(tmp_path / "clean.sav", {"pc.ram": pattern_block(2), "x": pattern_block(1)})
-    evil = write_snapshot(tmp_path / "evil.sav", {"pc.ram": pattern_block(2), EVIL: pattern_block(1)}, machine_type=EVIL)
+    evil = write_snapshot(
+        tmp_path / "evil.sav", {"pc.ram": pattern_block(2), EVIL: pattern_block(1)}, machine_type=EVIL
+    )
     for argv in (["dump"], ["verify", "--hash"]):
         assert main([*argv, str(clean)]) == 0
         expected = capsys.readouterr().out.splitlines()

@@ -117,7 +117,10 @@ def test_classic_stream_page_size_guess_reads_a_deep_description(tmp_path):
         (lambda d: d["devices"][0]["fields"][0].update(size=True), "the boolean true at devices[0].fields[0].size"),
         (lambda d: d["devices"][0]["fields"][0].update(size=4.0), "the number 4.0 at devices[0].fields[0].size"),
         (lambda d: d["devices"][0]["fields"][0].update(size=10**30), "at devices[0].fields[0].size, where an integer"),
-        (lambda d: d["devices"][0]["fields"][0].update(array_len="2"), 'the string "2" at devices[0].fields[0].array_len'),
+        (
+            lambda d: d["devices"][0]["fields"][0].update(array_len="2"),
+            'the string "2" at devices[0].fields[0].array_len',
+        ),
         (
             lambda d: d["devices"][0].update(subsections=[{"vmsd_name": 5, "fields": []}]),
             "the number 5 at devices[0].subsections[0].vmsd_name, where a string belongs",
