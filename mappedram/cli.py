@@ -325,7 +325,6 @@ def _json_out(value: Any) -> None:
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
-    _check_page_size(args)
     with Snapshot(args.file, **_open_args(args)) as snap:
         info = _dump_info(snap, sections=not args.no_sections)
     if args.json:
@@ -338,7 +337,6 @@ def _cmd_dump(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    _check_page_size(args)
     bar = ProgressBar("hashing", args.progress) if args.hash else None
     report = verify(args.file, hash_blocks=args.hash, progress=bar, **_open_args(args))
     if bar:
@@ -379,15 +377,19 @@ def _cmd_export_elf(args: argparse.Namespace) -> int:
     extra = dict(args.map)
     if len(extra) < len(args.map):
         raise UsageError("--map names a block twice")
-    _check_page_size(args)
     with Snapshot(args.file, **_open_args(args)) as snap:
         try:
             view = PhysicalView(snap, below_4g_size=args.below_4g, extra=extra)
         except (KeyError, ValueError) as err:
             raise UsageError(str(err.args[0])) from None
         for r in view.regions:
-            if r.end > cli_args.U64_END:
+            if r.end <= cli_args.U64_END:
+                continue
+            if r.block in extra:
                 raise UsageError(f"{r.block} at {r.start:#x} ({r.size} bytes) ends past the 64-bit address space")
+            raise FormatError(  # the file's claim of the block's length does not fit
+                snap.block(r.block).entry_offset, f"{r.block!r} to fit below 2^64 from {r.start:#x}", f"{r.size} bytes"
+            )
         bar = ProgressBar("export-elf", args.progress)
         copied = export_elf(view, args.output, progress=bar)
         bar.close()
@@ -409,6 +411,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_page_size(args)
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a reader that left is seen here, not at interpreter exit
         return code

@@ -12,6 +12,8 @@ import sys
 import time
 from typing import TextIO
 
+from .textsafe import printable
+
 REDRAW_SECONDS = 0.1  # at most ten redraws a second, and one at least every 0.1 s of calls
 _WIDTH = 30
 _open_lines: dict[int, TextIO] = {}  # id(stream) -> stream whose last line a bar left open
@@ -49,7 +51,7 @@ class ProgressBar:
     def __init__(self, label: str, enabled: bool | None = None, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.label = label
+        self.label = printable(label)  # it may hold a block name
         self._start = time.monotonic()
         self._last: float | None = None
         self._width = 0  # of the last line drawn, to blank what a shorter one leaves

@@ -16,6 +16,8 @@ import mappedram.cli as cli
 from mappedram import progress
 from mappedram.cli import main
 from mappedram.cli_args import parse_size
+from mappedram.formats import structs as S
+from mappedram.formats.constants import RamFlag
 from mappedram.mapper.convert import to_stream
 from mappedram.progress import ProgressBar, end_line, human
 from mappedram.textsafe import printable
@@ -94,6 +96,25 @@ def test_map_past_the_64_bit_address_space(capsys, paused_mr, tmp_path):
     assert capsys.readouterr().err == "mappedram: --map names a block twice\n"
 
 
+def test_block_claiming_to_end_past_2_64_is_the_files_fault(capsys, tmp_path):
+    one = write_snapshot(tmp_path / "one.sav", {"pc.ram": pattern_block(4)})
+    legacy = tmp_path / "legacy.sav"  # a classic stream may claim RAM it does not hold
+    with mappedram.open(one) as snap:
+        to_stream(snap, legacy)
+    with mappedram.open(legacy) as snap:
+        entry = snap.block("pc.ram").entry_offset
+        mem_size_at = snap.ram_section_offset + 1 + 4 + 1 + 3 + 8
+    claim = (1 << 64) - (1 << 20)
+    patch(legacy, mem_size_at, S.RamWord.build(claim | RamFlag.MEM_SIZE))
+    patch(legacy, entry + 1 + len("pc.ram"), S.RamWord.build(claim))
+    assert main(["export-elf", str(legacy), "-o", str(tmp_path / "core"), "--below-4g", "1M"]) == 1
+    assert capsys.readouterr().err == (
+        f"mappedram: {legacy}: offset {entry:#x} ({entry}): expected 'pc.ram' to fit below 2^64 from 0x100000000, "
+        f"found {claim - (1 << 20)} bytes\n"
+    )
+    assert not (tmp_path / "core").exists()
+
+
 def test_below_4g_with_a_suffix(capsys, paused_mr, tmp_path):
     assert main(["export-elf", str(paused_mr), "-o", str(tmp_path / "core"), "--below-4g", "32M"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -109,6 +130,9 @@ def test_page_size_contradicting_the_file_is_refused(capsys, small, tmp_path):
     )
     assert main(["verify", "--page-size", "8K", str(small)]) == 2
     assert "contradicts the page size 4096" in capsys.readouterr().err
+    out = tmp_path / "pc.ram.raw"
+    assert main(["extract", str(small), "--block", "pc.ram", "-o", str(out), "--page-size", "512"]) == 2
+    assert "contradicts the page size 4096" in capsys.readouterr().err and not out.exists()
     assert main(["dump", "--page-size", "4K", str(small)]) == 0  # agreeing is fine
     assert "page size:     4096" in capsys.readouterr().out.splitlines()
     legacy = tmp_path / "legacy.sav"  # records no page size: the option is honoured
