@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from typing import Any, Sequence
 
 from . import __version__, cli_args
@@ -52,7 +53,7 @@ With --json, an error also prints {"file", "error": {"exit_code", "offset", "mes
 Text from the file (names, the machine type) is printed with non-printable
 characters escaped as \\xNN, \\uNNNN."""
 
-SIZES = "BYTES and ADDR: decimal or 0x hex; decimal sizes may end in K, M, G, T (binary: 4K = 4096)."
+SIZES = "N, BYTES and ADDR: decimal or 0x hex; decimal sizes may end in K, M, G, T (binary: 4K = 4096)."
 
 EPILOG = (
     f"{EXIT_CODES}\n\n{SIZES}\n\n"
@@ -199,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     elf.add_argument(
         "--progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)"
     )
+    for command in sub.choices.values():  # the raw formatter keeps the epilog's table; wrap the prose here
+        command.description = textwrap.fill(command.description or "", 80)
     return parser
 
 
