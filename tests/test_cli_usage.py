@@ -333,3 +333,23 @@ def test_help_explains_exit_codes_and_sizes(capsys, command):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "exit codes:" in out and "141" in out and "decimal sizes may end in K, M, G, T" in out
+
+
+def test_a_hostile_section_name_in_the_dump_stays_on_its_line(capsys, tmp_path, paused_mr):
+    with mappedram.open(paused_mr) as snap:
+        devices = mappedram.DeviceState.from_snapshot(snap)
+    path = write_snapshot(tmp_path / "dev.sav", {"pc.ram": pattern_block(2)}, devices=devices, alignment=PAGE)
+    assert main(["dump", str(path)]) == 0
+    clean = capsys.readouterr().out.splitlines()
+    with mappedram.open(path) as snap:
+        sec = next(s for s in snap.devices if s.idstr == "0000:00:00.0/I440FX")
+    hostile = EVIL.encode()[:19].ljust(19, b"x")
+    patch(path, sec.offset + 1 + 4 + 1, hostile)  # the idstr, same length: the footer still delimits it
+    assert main(["dump", str(path)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "in the VM description's order" in warnings[0]
+    assert len(lines) == len(clean) + 1 and "\x1b" not in out
+    section_line = f"  {sec.offset:#12x}  full     {printable(hostile.decode())} id {sec.section_id} instance 0"
+    assert any(line.startswith(section_line) for line in lines), section_line
