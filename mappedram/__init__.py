@@ -9,6 +9,7 @@ from .mapper.restore import extract, restore, restore_into
 from .mapper.snapshot import Snapshot, open
 from .mapper.verify import Report, verify
 from .mapper.writer import DeviceState, SnapshotWriter
+from .visual.diff import DiffResult, diff
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "LITTLE_ENDIAN_64",
     "BitmapLayout",
     "DeviceState",
+    "DiffResult",
     "FormatError",
     "MappedRamBlock",
     "RamBlock",
@@ -26,6 +28,7 @@ __all__ = [
     "SnapshotWriter",
     "StreamRamBlock",
     "convert",
+    "diff",
     "export_elf",
     "extract",
     "open",

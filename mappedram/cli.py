@@ -22,6 +22,7 @@ from .mapper.restore import extract
 from .mapper.snapshot import Snapshot
 from .mapper.verify import verify
 from .progress import ProgressBar, human
+from .visual import commands as visual
 
 EXIT_OK, EXIT_INVALID, EXIT_UNREADABLE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     elf.add_argument(
         "--progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)"
     )
+    visual.register(sub)
     return parser
 
 
@@ -301,6 +303,7 @@ COMMANDS = {
     "verify": _cmd_verify,
     "extract": _cmd_extract,
     "convert": _cmd_convert,
+    **visual.COMMANDS,
 }
 
 
