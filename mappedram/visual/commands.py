@@ -15,6 +15,7 @@ from typing import Any, Callable
 from ..errors import FormatError
 from ..formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
 from ..mapper.snapshot import Snapshot
+from . import plot
 from .diff import DiffResult, NotComparable, diff
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_TROUBLE = 0, 1, 2
@@ -25,7 +26,11 @@ def _int(text: str) -> int:
     return int(text, 0)
 
 
-def _open_options(parser: argparse.ArgumentParser) -> None:
+def _open_options(parser: argparse.ArgumentParser, offset: bool = True) -> None:
+    if offset:
+        parser.add_argument(
+            "--offset", type=_int, metavar="N", help="where the QEMU stream starts (the offset= of file:PATH,offset=N)"
+        )
     parser.add_argument(
         "--page-size", type=_int, metavar="BYTES", help="target page size, for a classic stream that does not record it"
     )
@@ -39,6 +44,7 @@ def _open_options(parser: argparse.ArgumentParser) -> None:
 
 def _open_args(args: argparse.Namespace) -> dict[str, Any]:
     return {
+        "offset": getattr(args, "offset", None),
         "page_size": args.page_size,
         "bitmap_layout": BIG_ENDIAN_64 if args.bitmap_order == "big" else LITTLE_ENDIAN_64,
     }
@@ -59,7 +65,20 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     d.add_argument("b", metavar="B", help="the second snapshot file")
     d.add_argument("--json", action="store_true", help="print the result as JSON, with every run")
     d.add_argument("--workers", type=int, default=2, help="threads comparing page data (default 2)")
-    _open_options(d)
+    d.add_argument("--plot", metavar="OUT", help="also draw where the pages differ, per block (.png or .svg)")
+    _open_options(d, offset=False)
+
+    p = sub.add_parser(
+        "plot",
+        help="draw the file's layout and each block's populated pages",
+        description="Draw one figure: the file along its length to scale, every part of it "
+        "(headers, bitmaps, page regions, device state, VM description, gaps) with its size on a "
+        "log scale, and per RAM block a map of the share of pages present. Reads headers and "
+        "bitmaps only. Needs matplotlib: pip install 'mappedram[plot]'.",
+    )
+    p.add_argument("file", help="the snapshot file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the picture to write (.png or .svg)")
+    _open_options(p)
 
 
 def _print_diff(result: DiffResult) -> None:
@@ -89,9 +108,26 @@ def _print_diff(result: DiffResult) -> None:
         print(f"{result.a} and {result.b}: identical RAM and device state")
 
 
+def _picture_problem(path: str | None) -> str | None:
+    """Why a picture cannot be written to ``path`` (checked before any work), or None."""
+    if path is None:
+        return None
+    try:
+        plot.image_format(path)
+        plot.require_matplotlib()
+    except (ValueError, plot.MissingMatplotlib) as err:
+        return str(err)
+    return None
+
+
 def _cmd_diff(args: argparse.Namespace) -> int:
+    if why := _picture_problem(args.plot):
+        print(f"mappedram: {why}", file=sys.stderr)
+        return EXIT_TROUBLE
     try:
         result = _run_diff(args)
+        if result is not None and args.plot:
+            plot.save(plot.diff_figure(result), args.plot)
     except OSError as err:
         print(f"mappedram: {err.filename or args.a}: {err.strerror or err}", file=sys.stderr)
         return EXIT_TROUBLE
@@ -124,6 +160,17 @@ def _run_diff(args: argparse.Namespace) -> DiffResult | None:
         return None
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    if why := _picture_problem(args.output):
+        print(f"mappedram: {why}", file=sys.stderr)
+        return EXIT_TROUBLE
+    with Snapshot(args.file, **_open_args(args)) as snap:
+        plot.save(plot.snapshot_figure(snap), args.output)
+    print(f"{args.output}: layout and population of {args.file}")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "diff": _cmd_diff,
+    "plot": _cmd_plot,
 }
