@@ -17,8 +17,9 @@ from ..formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
 from ..mapper.snapshot import Snapshot
 from . import plot
 from .diff import DiffResult, NotComparable, diff
+from .report import write_report
 
-EXIT_OK, EXIT_DIFFERENT, EXIT_TROUBLE = 0, 1, 2
+EXIT_OK, EXIT_DIFFERENT, EXIT_TROUBLE = 0, 1, 2  # report: 1 is "invalid", as for verify
 SHOWN_RUNS = 8  # runs listed per block in the text form; --json lists all
 
 
@@ -79,6 +80,18 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("file", help="the snapshot file")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the picture to write (.png or .svg)")
     _open_options(p)
+
+    r = sub.add_parser(
+        "report",
+        help="write one self-contained HTML page about a snapshot file",
+        description="Write one HTML file (no script, no network: pictures inline) with the header, "
+        "capabilities, verify's verdict and problems, the RAM blocks, the layout, the device sections "
+        "with the VM description's names for them, and the pictures (with matplotlib installed). "
+        "Exit 0 when the file is valid, 1 when it is not (the page is written either way).",
+    )
+    r.add_argument("file", help="the snapshot file")
+    r.add_argument("-o", "--output", required=True, metavar="OUT", help="the HTML file to write")
+    _open_options(r)
 
 
 def _print_diff(result: DiffResult) -> None:
@@ -170,7 +183,15 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    verdict = write_report(args.file, args.output, **_open_args(args))
+    state = "valid" if verdict.ok else f"invalid, {len(verdict.problems)} problems"
+    print(f"{args.output}: report on {args.file} ({state})")
+    return EXIT_OK if verdict.ok else EXIT_DIFFERENT
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "diff": _cmd_diff,
     "plot": _cmd_plot,
+    "report": _cmd_report,
 }

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ..mapper.atomic import atomic_output
 from ..mapper.snapshot import Snapshot
 from ..progress import human
 from .diff import DiffResult
 from .layout import KINDS, Cells, Segment, cells_from_pages, layout, population
+from .output import write_output
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -75,11 +75,7 @@ def render(fig: Figure, fmt: str) -> bytes:
 
 
 def save(fig: Figure, path: str | os.PathLike[str]) -> None:
-    data = render(fig, image_format(path))
-    with atomic_output(path) as fd:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+    write_output(path, render(fig, image_format(path)))
 
 
 def _size_ticks(limit: int) -> tuple[list[int], list[str]]:
