@@ -157,3 +157,10 @@ def test_cli_plot_malformed_file(tmp_path, capsys):
     assert main(["plot", str(bad), "-o", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "offset 0x0" in err and not out.exists()
+
+
+def test_readme_pictures_are_small_pngs():
+    """The pictures README shows (made by the commands in its Pictures section)."""
+    for name in ("plot-mapped-ram.png", "plot-diff.png", "report.png"):
+        data = (REPO / "docs" / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) < 300_000, name
