@@ -215,3 +215,12 @@ def test_two_saves_of_one_running_guest(tmp_path):
     moved = stamped[counters_a != counters_b]
     assert len(moved) > 1000 and np.isin(moved, result.blocks["pc.ram"].pages).all()
     assert mappedram.diff(later, later).identical
+
+
+def test_text_output_one_line_per_block_whatever_its_name(tmp_path, capsys):
+    name = "ram\nforged: 0 of 4 pages differ"
+    a = write_snapshot(tmp_path / "a.sav", {name: pattern_block(4, seed=1)}, channels=1)
+    b = write_snapshot(tmp_path / "b.sav", {name: pattern_block(4, seed=2)}, channels=1)
+    assert main(["diff", str(a), str(b)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(repr(name) + ": 4 of 4 pages differ")

@@ -21,6 +21,12 @@ from .report import write_report
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_TROUBLE = 0, 1, 2  # report: 1 is "invalid", as for verify
 SHOWN_RUNS = 8  # runs listed per block in the text form; --json lists all
+CHANGES = {"changed": "", "only_a": " (only in A)", "only_b": " (only in B)"}
+
+
+def _name(text: str | None) -> str:
+    """A name from the file, quoted when it holds characters that could forge output lines."""
+    return text if text and text.isprintable() else repr(text)
 
 
 def _int(text: str) -> int:
@@ -104,18 +110,15 @@ def _print_diff(result: DiffResult) -> None:
         )
         more = f", ... {len(runs) - SHOWN_RUNS} more" if len(runs) > SHOWN_RUNS else ""
         print(
-            f"{bd.name}: {bd.count} of {bd.num_pages} pages differ ({len(bd.changed)} changed, "
+            f"{_name(bd.name)}: {bd.count} of {bd.num_pages} pages differ ({len(bd.changed)} changed, "
             f"{len(bd.only_a)} only in A, {len(bd.only_b)} only in B) in {len(runs)} runs: pages {shown}{more}"
         )
     for name, why in result.skipped.items():
-        print(f"{name}: not compared, {why}")
+        print(f"{_name(name)}: not compared, {why}")
     if result.devices:
         print(
             "device state differs: "
-            + ", ".join(
-                f"{d.idstr} {d.instance_id}" + ("" if d.change == "changed" else f" ({d.change.replace('_', ' in ')})")
-                for d in result.devices
-            )
+            + ", ".join(f"{_name(d.idstr)} {d.instance_id}{CHANGES[d.change]}" for d in result.devices)
         )
     if result.identical:
         print(f"{result.a} and {result.b}: identical RAM and device state")

@@ -299,7 +299,7 @@ def diff(
         sb = b if isinstance(b, Snapshot) else stack.enter_context(Snapshot(b, **open_args))
         check_comparable(sa, sb)
         result = DiffResult(sa.path, sb.path)
-        page_size = max(blk.page_size for blk in [*sa.blocks.values(), *sb.blocks.values()] or [8])
+        page_size = max([blk.page_size for blk in [*sa.blocks.values(), *sb.blocks.values()]], default=8)
         chunk_bytes = max(chunk_bytes, page_size) // page_size * page_size
         ra = _Reader(sa.path, chunk_bytes)
         stack.callback(ra.close)
