@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import sys
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import REPO, fixture_file
-from craft import pattern_block, write_snapshot
+from craft import patch, pattern_block, write_snapshot
 
 import mappedram
 from mappedram.cli import main
 from mappedram.formats import structs as S
-from mappedram.visual.layout import KINDS, cells_from_pages, layout, population
+from mappedram.formats.constants import RamFlag
+from mappedram.mapper.convert import to_stream
+from mappedram.visual.layout import KINDS, cell_grid, cells_from_pages, layout, population
 
 sys.path.insert(0, str(REPO / "bench"))
 from bench_huge import build_sparse_snapshot  # noqa: E402
@@ -164,3 +168,48 @@ def test_readme_pictures_are_small_pngs():
     for name in ("plot-mapped-ram.png", "plot-diff.png", "report.png"):
         data = (REPO / "docs" / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) < 300_000, name
+
+
+def _stream_claiming_2_60_bytes(tmp_path: Path) -> Path:
+    """A classic stream of 4 pages whose block claims 2**60 bytes (a stream's RAM size is
+    not bounded by its file)."""
+    small = write_snapshot(tmp_path / "small.sav", {"pc.ram": pattern_block(4)})
+    legacy = tmp_path / "claims.sav"
+    with mappedram.open(small) as snap:
+        to_stream(snap, legacy)
+    with mappedram.open(legacy) as snap:
+        entry = snap.block("pc.ram").entry_offset
+        mem_size_at = snap.ram_section_offset + 1 + 4 + 1 + 3 + 8
+    patch(legacy, mem_size_at, S.RamWord.build((1 << 60) | RamFlag.MEM_SIZE))
+    patch(legacy, entry + 1 + len("pc.ram"), S.RamWord.build(1 << 60))
+    return legacy
+
+
+def test_population_of_a_huge_claim_allocates_little(tmp_path):
+    path = _stream_claiming_2_60_bytes(tmp_path)
+    tracemalloc.start()
+    try:
+        with mappedram.open(path) as snap:
+            (c,) = [population(b) for b in snap.blocks.values()]
+            segments = layout(snap)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (c.num_pages, c.pages_per_cell, len(c.counts)) == (1 << 48, 1 << 36, 4096)
+    assert c.counts[0] == 4 and c.total == 4
+    _check_cover(segments, path.stat().st_size)
+    assert peak < 64 << 20
+
+
+def test_cell_grid_tells_empty_from_tiny_shares(tmp_path, paused_mr):
+    """The drawn grid: -1 (grey) only where no page is set, the share elsewhere however
+    small, NaN (white) past the last cell."""
+    with mappedram.open(_stream_claiming_2_60_bytes(tmp_path)) as snap:
+        grid = cell_grid(population(snap.block("pc.ram")))
+    assert grid.shape == (4096 // 64, 64)
+    assert 0 < grid[0, 0] < 1e-9 and (grid.ravel()[1:] == -1).all()
+    with mappedram.open(paused_mr) as snap:
+        rsdp = population(snap.block("/rom@etc/acpi/rsdp"))  # one page, present
+        rom = population(snap.block("pc.rom"))  # 32 pages, none present
+    assert cell_grid(rsdp)[0, 0] == 1.0 and np.isnan(cell_grid(rsdp)[0, 1:]).all()
+    assert (cell_grid(rom)[0, :32] == -1).all() and np.isnan(cell_grid(rom)[0, 32:]).all()

@@ -74,6 +74,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     d.add_argument("--workers", type=int, default=2, help="threads comparing page data (default 2)")
     d.add_argument("--plot", metavar="OUT", help="also draw where the pages differ, per block (.png or .svg)")
     _open_options(d, offset=False)
+    d.set_defaults(file=None)  # main()'s last-resort error paths name args.file; diff names A and B itself
 
     p = sub.add_parser(
         "plot",

@@ -2,7 +2,7 @@
 
 ``layout(snap)`` cuts the file into segments (libvirt header, stream head, each block's
 header, bitmap and page region, RAM records, device state, VM description, gaps) that
-cover it from 0 to its size without overlap. ``cell_counts`` groups a block's pages
+cover a valid file from 0 to its size without overlap. ``population`` groups a block's pages
 into at most ``max_cells`` cells and counts the pages that are set in each. Both read
 only headers and bitmaps, never page data.
 """
@@ -35,6 +35,7 @@ KINDS = {
 MERGED = {"stream", "devices", "records", "gap"}  # neighbours of these kinds become one segment
 MERGED_LABELS = {"stream": "stream framing", "devices": "device state", "records": "RAM page records"}
 MAX_CELLS = 4096  # population cells per block: one per page up to 16 MiB of 4 KiB pages
+CELLS_PER_ROW = 64  # every block drawn at the same width: a 1-page block is one small cell
 
 
 @dataclass(frozen=True)
@@ -82,18 +83,6 @@ def pages_per_cell(num_pages: int, max_cells: int = MAX_CELLS) -> int:
     return max(1, -(-num_pages // max_cells))
 
 
-def cells_from_mask(name: str, mask: np.ndarray, page_size: int, max_cells: int = MAX_CELLS) -> Cells:
-    """Cells of a bool-per-page array (a block's present(), a diff's mask())."""
-    per = pages_per_cell(len(mask), max_cells)
-    if not len(mask):
-        return Cells(name, 0, page_size, per, np.zeros(0, dtype=np.int64))
-    full = len(mask) // per * per
-    counts = np.count_nonzero(mask[:full].reshape(-1, per), axis=1).astype(np.int64)
-    if full < len(mask):
-        counts = np.append(counts, np.count_nonzero(mask[full:]))
-    return Cells(name, len(mask), page_size, per, counts)
-
-
 def cells_from_pages(name: str, pages: np.ndarray, num_pages: int, page_size: int, max_cells: int = MAX_CELLS) -> Cells:
     """Cells of sorted page indices (a diff's pages), without a bool per page."""
     per = pages_per_cell(num_pages, max_cells)
@@ -101,9 +90,28 @@ def cells_from_pages(name: str, pages: np.ndarray, num_pages: int, page_size: in
     return Cells(name, num_pages, page_size, per, np.bincount(pages // per, minlength=cells).astype(np.int64))
 
 
+def cell_grid(cells: Cells) -> np.ndarray:
+    """What a population or diff map draws: the shares laid out CELLS_PER_ROW wide, -1 for
+    a cell with no page set, NaN past the last cell."""
+    n = len(cells.counts)
+    grid = np.full(-(-max(n, 1) // CELLS_PER_ROW) * CELLS_PER_ROW, np.nan)
+    grid[:n] = np.where(cells.counts > 0, cells.fractions, -1.0)
+    return grid.reshape(-1, CELLS_PER_ROW)
+
+
 def population(block: RamBlock, max_cells: int = MAX_CELLS) -> Cells:
-    """The block's present pages per cell, from its bitmap or page index."""
-    return cells_from_mask(block.name, block.present(), block.page_size, max_cells)
+    """The block's present pages per cell, from its bitmap or page index, a bounded piece
+    at a time (a classic stream may claim far more RAM than its file holds)."""
+    per = pages_per_cell(block.num_pages, max_cells)
+    counts = np.zeros(-(-block.num_pages // per), dtype=np.int64)
+    for first, chunk in block.present_chunks():
+        pos = 0
+        while pos < len(chunk):  # one step per cell the piece touches: at most max_cells + pieces
+            cell = (first + pos) // per
+            end = min(len(chunk), (cell + 1) * per - first)
+            counts[cell] += np.count_nonzero(chunk[pos:end])
+            pos = end
+    return Cells(block.name, block.num_pages, block.page_size, per, counts)
 
 
 def _section_label(sec: dict[str, Any]) -> str:

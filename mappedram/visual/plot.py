@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import io
 import os
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from ..mapper.snapshot import Snapshot
 from ..progress import human
 from .diff import DiffResult
-from .layout import KINDS, Cells, Segment, cells_from_pages, layout, population
+from .layout import KINDS, Cells, Segment, cell_grid, cells_from_pages, layout, population
 from .output import write_output
 
 if TYPE_CHECKING:
@@ -38,9 +38,7 @@ COLORS = {
     "gap": "#ffffff",
 }
 EMPTY_CELL = "#d9d9d9"  # a cell with no page set
-MIN_SHARE = 1e-9  # below it a cell counts as empty
 GAMMA = 0.4
-CELLS_PER_ROW = 64  # every block drawn at the same width: a 1-page block is one small cell
 
 
 class MissingMatplotlib(ImportError):
@@ -115,33 +113,42 @@ def _draw_rows(ax: Axes, segments: Sequence[Segment], size: int) -> None:
     ax.set_title("every part of the file, size on a log scale", fontsize=9, loc="left")
 
 
-def _cell_grid(cells: Cells) -> np.ndarray:
-    """Fractions laid out CELLS_PER_ROW wide, NaN past the last cell."""
-    n = len(cells.counts)
-    grid = np.full(-(-max(n, 1) // CELLS_PER_ROW) * CELLS_PER_ROW, np.nan)
-    grid[:n] = cells.fractions
-    return grid.reshape(-1, CELLS_PER_ROW)
-
-
-def _draw_cells(ax: Axes, cells: Cells, title: str, cmap: str) -> object:
-    """The cells, CELLS_PER_ROW a row. Empty cells are grey, whatever the colour map, and
-    a power scale lifts shares of a few percent off the bottom: a sparse block shows."""
+def _scale(cmap: str) -> tuple[Any, Any]:
+    """(colour map, norm): a power scale lifts shares of a few percent off the bottom."""
     from matplotlib import colormaps
     from matplotlib.colors import PowerNorm
 
-    colormap = colormaps[cmap].with_extremes(under=EMPTY_CELL, bad="#ffffff")
-    norm = PowerNorm(GAMMA, vmin=MIN_SHARE, vmax=1.0)
-    image = ax.imshow(_cell_grid(cells), cmap=colormap, norm=norm, aspect="auto", interpolation="nearest")
+    return colormaps[cmap], PowerNorm(GAMMA, vmin=0.0, vmax=1.0, clip=True)
+
+
+def _draw_cells(ax: Axes, cells: Cells, title: str, cmap: str) -> None:
+    """The cells as layout.cell_grid lays them out: an empty cell grey, a cell with any page
+    set in the colour of its share (the bottom colour however small), white past the end."""
+    from matplotlib.colors import to_rgba
+
+    colormap, norm = _scale(cmap)
+    grid = cell_grid(cells)
+    rgba = colormap(norm(np.clip(np.nan_to_num(grid, nan=0.0), 0.0, 1.0)))
+    rgba[grid < 0] = to_rgba(EMPTY_CELL)
+    rgba[np.isnan(grid)] = to_rgba("#ffffff")
+    ax.imshow(rgba, aspect="auto", interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     per = cells.pages_per_cell
     unit = "1 page" if per == 1 else f"{per} pages"
     ax.set_title(f"{title}   (1 cell = {unit}, {human(per * cells.page_size)})", fontsize=7.5, loc="left")
-    return image
+
+
+def _colorbar(fig: Figure, axes: list[Axes], cmap: str, label: str, shrink: float) -> None:
+    from matplotlib.cm import ScalarMappable
+
+    colormap, norm = _scale(cmap)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=colormap), ax=axes, shrink=shrink, label=label)
+    bar.set_ticks([0.01, 0.1, 0.25, 0.5, 0.75, 1.0])
 
 
 def _grid_heights(all_cells: Sequence[Cells]) -> list[float]:
-    return [1.3 + _cell_grid(c).shape[0] / 10 for c in all_cells]
+    return [1.3 + cell_grid(c).shape[0] / 10 for c in all_cells]
 
 
 def snapshot_figure(snap: Snapshot) -> Figure:
@@ -158,14 +165,11 @@ def snapshot_figure(snap: Snapshot) -> Figure:
     _draw_strip(fig.add_subplot(outer[0, :]), segments, size)
     _draw_rows(fig.add_subplot(outer[1, 0]), segments, size)
     right = outer[1, 1].subgridspec(max(len(all_cells), 1), 1, height_ratios=heights or [1])
-    image = None
     for i, (block, cells) in enumerate(zip(blocks, all_cells)):
-        ax = fig.add_subplot(right[i, 0])
         title = f"{block.name}: {cells.total}/{block.num_pages} pages present ({human(block.used_length)})"
-        image = _draw_cells(ax, cells, title, "viridis")
-    if image is not None:
-        bar = fig.colorbar(image, ax=fig.axes[2:], shrink=0.5, label="share of the cell's pages present (grey: none)")
-        bar.set_ticks([0.01, 0.1, 0.25, 0.5, 0.75, 1.0])
+        _draw_cells(fig.add_subplot(right[i, 0]), cells, title, "viridis")
+    if all_cells:
+        _colorbar(fig, fig.axes[2:], "viridis", "share of the cell's pages present (grey: none)", 0.5)
     handles = [_patch(COLORS[k], label) for k, label in KINDS.items() if any(s.kind == k for s in segments)]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8, frameon=False)
     fig.suptitle(f"{os.path.basename(snap.path)}: {snap.format}, {len(snap.blocks)} RAM blocks", fontsize=10)
@@ -189,15 +193,13 @@ def diff_figure(result: DiffResult) -> Figure:
     fig = figure_class(figsize=(10, 1.6 + 0.45 * sum(heights)), layout="constrained")
     if diffs:
         grid = fig.add_gridspec(len(diffs), 1, height_ratios=heights)
-        image = None
         for i, (d, cells) in enumerate(zip(diffs, all_cells)):
             title = (
                 f"{d.name}: {d.count}/{d.num_pages} pages differ ({len(d.changed)} changed, "
                 f"{len(d.only_a)} only in A, {len(d.only_b)} only in B)"
             )
-            image = _draw_cells(fig.add_subplot(grid[i, 0]), cells, title, "Reds")
-        bar = fig.colorbar(image, ax=fig.axes, shrink=0.9, label="share of the cell's pages that differ (grey: none)")
-        bar.set_ticks([0.01, 0.1, 0.25, 0.5, 0.75, 1.0])
+            _draw_cells(fig.add_subplot(grid[i, 0]), cells, title, "Reds")
+        _colorbar(fig, fig.axes, "Reds", "share of the cell's pages that differ (grey: none)", 0.9)
     verdict = "identical" if result.identical else f"{sum(d.count for d in diffs)} pages differ"
     fig.suptitle(f"A = {os.path.basename(result.a)}, B = {os.path.basename(result.b)}: {verdict}", fontsize=10)
     notes = []
