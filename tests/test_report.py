@@ -8,15 +8,21 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import fixture_file
 from craft import patch, pattern_block, write_snapshot
+from fuzz_harness import hot_offsets, make_seeds, mutate, time_limit
 
 import mappedram
+from mappedram import FormatError
 from mappedram.cli import main
+from mappedram.visual.diff import NotComparable
+from mappedram.visual.layout import layout, population
 from mappedram.visual.report import render_report
 
 A = "pc64-a-paused-mr.bin"
@@ -108,7 +114,7 @@ def test_report_of_a_file_that_does_not_open(tmp_path, capsys):
 
 def test_report_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
     for name in ("matplotlib", "matplotlib.figure"):
-        monkeypatch.setitem(__import__("sys").modules, name, None)
+        monkeypatch.setitem(sys.modules, name, None)
     page, _ = render_report(fixture_file(LEGACY))
     parsed = _parse(page)
     assert not [t for t, _ in parsed.tags if t == "img"]
@@ -191,3 +197,28 @@ def test_escaped_names_render_as_text_in_chromium(tmp_path):
     assert console == [] and seen["scripts"] == 0
     assert EVIL[0] in seen["tables"][0] and EVIL[1] in seen["tables"][0]
     assert all(i["width"] > 1 for i in seen["images"])  # no img from a block name (its src=x would not load)
+
+
+def test_mutated_files_give_a_page_or_one_error(tmp_path, monkeypatch, paused_mr):
+    """The fuzz harness's mutations of real seeds: the report is always written, with the
+    verdict; layout, population and diff raise nothing but FormatError (or NotComparable)."""
+    for name in ("matplotlib", "matplotlib.figure"):  # the picture is plot's test; keep this fast
+        monkeypatch.setitem(sys.modules, name, None)
+    seeds = make_seeds(paused_mr, tmp_path)
+    prepared = [(seed, seed.read_bytes(), hot_offsets(seed)) for seed in seeds]
+    rng = np.random.default_rng(16)
+    for i in range(60):
+        seed, data, hot = prepared[i % len(prepared)]
+        case = tmp_path / "case.bin"
+        case.write_bytes(mutate(data, rng, hot))
+        with time_limit(20):
+            page, report = render_report(case)
+            assert ("valid</span>" in page) == report.ok
+            try:
+                with mappedram.open(case) as snap:
+                    layout(snap)
+                    for block in snap.blocks.values():
+                        population(block)
+                mappedram.diff(seed, case)
+            except (FormatError, NotComparable):
+                pass

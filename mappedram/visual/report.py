@@ -75,35 +75,37 @@ def _verdict(report: Report) -> str:
     )
 
 
-def _summary(info: dict[str, Any]) -> str:
-    lv = info["libvirt"]
+def _summary(snap: Snapshot) -> str:
+    """From what opening the file read (no walk of the stream, which may fail further on)."""
+    lv = snap.libvirt
+    vmdesc = snap.vmdesc
+    devices = vmdesc.get("devices") if isinstance(vmdesc, dict) else None
     items = [
-        ("file", f"{info['file']} ({info['size']} bytes, {human(info['size'])})"),
+        ("file", f"{snap.path} ({snap.size} bytes, {human(snap.size)})"),
         (
             "libvirt header",
-            f"v{lv['version']} {'complete' if lv['complete'] else 'INCOMPLETE'}, format {lv['format']}, "
-            f"data_len {lv['data_len']}, {lv['byteorder']}-endian"
+            f"v{lv.version} {'complete' if lv.complete else 'INCOMPLETE'}, format {lv.format}, "
+            f"data_len {lv.data_len}, {lv.byteorder}-endian"
             if lv
             else "none",
         ),
-        ("stream", f"QEVM v{info['version']} at {info['stream_start']:#x}, format {info['format']}"),
-        ("machine", info["machine_type"] or "(no configuration section)"),
-        ("capabilities", ", ".join(info["capabilities"]) or "(none)"),
-        ("page size", str(info["page_size"])),
-        ("RAM", f"{info['ram_total']} bytes ({human(info['ram_total'] or 0)}) in {len(info['blocks'])} blocks"),
+        ("stream", f"QEVM v{snap.version} at {snap.stream_start:#x}, format {snap.format}"),
+        ("machine", snap.machine_type or "(no configuration section)"),
+        ("capabilities", ", ".join(snap.capabilities) or "(none)"),
+        ("page size", str(snap.page_size)),
+        ("RAM", f"{snap.ram_total} bytes ({human(snap.ram_total or 0)}) in {len(snap.blocks)} blocks"),
         (
             "VM description",
-            f"{info['vmdesc']['json_length']} bytes of JSON at {info['vmdesc']['offset'] + 5:#x}"
-            if info["vmdesc"]
-            else "(none)",
+            f"{len(devices)} devices" if isinstance(devices, list) else "(none)" if vmdesc is None else "(unusual)",
         ),
     ]
-    if info["uuid"]:
-        items.append(("uuid", info["uuid"]))
+    if snap.uuid:
+        items.append(("uuid", snap.uuid))
     return "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in items) + "</dl>"
 
 
-def _blocks(info: dict[str, Any]) -> str:
+def _blocks(snap: Snapshot) -> str:
+    info = snap.describe(sections=False)  # a classic stream's blocks walk its page records
     mapped = info["format"] == "mapped-ram"
     headers = ["block", "used_length", "size", "present", "pages", "share"]
     if mapped:
@@ -225,17 +227,17 @@ def render_report(path: str | os.PathLike[str], **open_args: Any) -> tuple[str, 
         snap = None  # verify's problem says why
     if snap is not None:
         with snap:
-            info = snap.describe(sections=False)  # the header and blocks need no walk of the stream
-            parts += ["<h2>Header</h2>", _summary(info)]
-            parts += ["<h2>RAM blocks</h2>", _blocks(info)]
+            parts += ["<h2>Header</h2>", _summary(snap)]
             for heading, part in [
+                ("RAM blocks", _blocks),
                 ("Pictures", _picture),
                 ("Layout", _layout),
                 ("Devices", _devices),
                 ("Other sections", _stream_sections),
             ]:
+                parts.append(f"<h2>{heading}</h2>")
                 try:
-                    parts += [f"<h2>{heading}</h2>", part(snap)]
+                    parts.append(part(snap))
                 except FormatError as err:  # a stream that cannot be walked to its end
                     parts.append(f'<p class="muted">not shown: {escape(str(err))}</p>')
     page = (
