@@ -155,6 +155,7 @@ def test_cli_diff_plot(tmp_path, capsys):
 
 
 def test_cli_plot_malformed_file(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # without it plot stops first, saying what to install
     bad = tmp_path / "bad.sav"
     bad.write_bytes(b"not a snapshot" * 10)
     out = tmp_path / "bad.png"
