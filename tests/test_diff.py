@@ -172,6 +172,10 @@ def test_unreadable_and_truncated_files_exit_2(tmp_path, capsys):
     assert main(["diff", str(fixture_file(A)), str(short)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mappedram: ") and "Traceback" not in err
+    cut = truncate_copy(fixture_file(LEGACY), tmp_path / "cut.sav", 30 << 20)  # in its page records
+    assert main(["diff", str(fixture_file(LEGACY)), str(cut)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"mappedram: {cut}: offset ") and "page data" in err
 
 
 def _qemu_missing() -> str | None:

@@ -164,10 +164,13 @@ def _run_diff(args: argparse.Namespace) -> DiffResult | None:
         snaps = []
         for path in (args.a, args.b):
             try:
-                snaps.append(stack.enter_context(Snapshot(path, **_open_args(args))))
+                snap = stack.enter_context(Snapshot(path, **_open_args(args)))
+                for block in snap.blocks.values():  # bitmaps counted, a stream's records walked
+                    _ = block.populated  # here, so that an error names its file
             except FormatError as err:
                 print(f"mappedram: {path}: {err}", file=sys.stderr)
                 return None
+            snaps.append(snap)
         try:
             return diff(*snaps, workers=args.workers)
         except NotComparable as err:
@@ -189,7 +192,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     verdict = write_report(args.file, args.output, **_open_args(args))
-    state = "valid" if verdict.ok else f"invalid, {len(verdict.problems)} problems"
+    count = len(verdict.problems)
+    state = "valid" if verdict.ok else f"invalid, {count} problem{'s' if count != 1 else ''}"
     print(f"{args.output}: report on {args.file} ({state})")
     return EXIT_OK if verdict.ok else EXIT_DIFFERENT
 

@@ -35,7 +35,7 @@ COLORS = {
     "records": "#74c476",
     "devices": "#4292c6",
     "vmdesc": "#8c510a",
-    "gap": "#ffffff",
+    "gap": "#fde68a",  # bytes no structure explains: worth seeing
 }
 EMPTY_CELL = "#d9d9d9"  # a cell with no page set
 GAMMA = 0.4
