@@ -12,6 +12,7 @@ from .mapper.restore import extract, restore, restore_into
 from .mapper.snapshot import Snapshot
 from .mapper.verify import Report, verify
 from .mapper.writer import DeviceState, SnapshotWriter
+from .visual.diff import DiffResult, diff
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "LITTLE_ENDIAN_64",
     "BitmapLayout",
     "DeviceState",
+    "DiffResult",
     "FormatError",
     "ForwardSnapshot",
     "MappedRamBlock",
@@ -31,6 +33,7 @@ __all__ = [
     "SnapshotWriter",
     "StreamRamBlock",
     "convert",
+    "diff",
     "export_elf",
     "extract",
     "open",

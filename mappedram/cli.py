@@ -1,7 +1,14 @@
-"""The ``mappedram`` command line: dump, verify and extract snapshot files.
+"""The ``mappedram`` command line: dump, verify, extract, convert and export-elf.
 
 Exit codes: 0 success (verify: the file is valid), 1 the file is malformed (verify:
-invalid), 2 the file cannot be read or the command line is wrong, 130 interrupted.
+invalid), 2 the file cannot be read or the command line is wrong, 130 interrupted,
+141 the reader of the output went away (``mappedram dump F | head``: the output is cut
+short, as for a program killed by SIGPIPE; no traceback).
+
+Every human-readable line goes through ``_out`` or ``_err``, which escape what is not
+printable (names come from the file: a newline or an ESC in them must not reach the
+terminal). ``--json`` output is escaped by ``json.dump`` (``ensure_ascii``); with
+``--json``, an error also prints ``{"file", "error": {"exit_code", "offset", "message"}}``.
 """
 
 from __future__ import annotations
@@ -10,21 +17,27 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+import textwrap
+from typing import Any, NoReturn, Sequence
 
-from . import __version__
+from . import __version__, cli_args
 from .errors import FormatError
-from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
+from .formats.policy import policy_for
+from .formats.structs import VmDescriptionHead
 from .mapper.blocks import not_in_file
-from .mapper.channels import MAX_CHANNELS, check_count
+from .mapper.channels import MAX_CHANNELS
 from .mapper.convert import COMPRESSORS, convert
+from .mapper.devstate import print_device_states
 from .mapper.forward import open_image
 from .mapper.physical import PhysicalView, export_elf
 from .mapper.restore import extract
+from .mapper.snapshot import Snapshot
 from .mapper.verify import verify
-from .progress import ProgressBar, human
+from .progress import ProgressBar, end_line, human
+from .textsafe import printable
+from .visual import commands as visual
 
-EXIT_OK, EXIT_INVALID, EXIT_UNREADABLE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_INVALID, EXIT_UNREADABLE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
 
 DESCRIPTION = """\
 Read and check QEMU snapshot files made by `migrate file:...` with the mapped-ram
@@ -33,29 +46,56 @@ A libvirt save header in front of the stream is recognised by itself; for a
 `file:PATH,offset=N` save without one, the stream is looked for in the first MiB
 (or give --offset N)."""
 
-EPILOG = """\
-exit codes: 0 ok / valid, 1 malformed or invalid file, 2 unreadable file or bad usage
+EXIT_CODES = """\
+exit codes:
+  0    success (verify: the file is valid)
+  1    the file is malformed (verify: it is invalid)
+  2    the file cannot be read, or bad usage (one line on stderr saying why)
+  130  interrupted (Ctrl-C)
+  141  the reader of the output went away (e.g. `| head`): the output is cut short
+With --json, an error also prints {"file", "error": {"exit_code", "offset", "message"}}.
+Text from the file (names, the machine type) is printed with non-printable
+characters escaped as \\xNN, \\uNNNN."""
 
+SIZES = "N, BYTES and ADDR: decimal or 0x hex; decimal sizes may end in K, M, G, T (binary: 4K = 4096)."
+
+EPILOG = (
+    f"{EXIT_CODES}\n\n{SIZES}\n\n"
+    + """\
 examples:
   mappedram dump vm.sav
   mappedram dump --json vm.sav | jq '.blocks[] | {name, pages_present}'
   mappedram verify --hash vm.sav
   mappedram extract vm.sav --block pc.ram -o pc.ram.raw
   mappedram convert legacy.sav vm.sav --to mapped-ram"""
+)
+SUB_EPILOG = f"{EXIT_CODES}\n\n{SIZES}"
 
 
-def _int(text: str) -> int:
-    return int(text, 0)
+class _Parser(argparse.ArgumentParser):
+    """argparse, with bad usage said in one line (exit 2) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        end_line()
+        self.exit(EXIT_UNREADABLE, printable(f"{self.prog}: {message} (see {self.prog} -h)") + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("file", help="the snapshot file")
     common.add_argument(
-        "--offset", type=_int, metavar="N", help="where the QEMU stream starts (the offset= of file:PATH,offset=N)"
+        "--offset",
+        type=cli_args.file_offset,
+        metavar="N",
+        help="where the QEMU stream starts (the offset= of file:PATH,offset=N); default: behind a libvirt "
+        "header, else 0, else the first QEVM magic in the first MiB",
     )
     common.add_argument(
-        "--page-size", type=_int, metavar="BYTES", help="target page size, for a classic stream that does not record it"
+        "--page-size",
+        type=cli_args.page_size,
+        metavar="BYTES",
+        help="target page size (a power of two, 512 to 1G) of a classic stream that does not record it; "
+        "refused when it contradicts the file (a mapped-ram file or target-page-bits records it)",
     )
     common.add_argument(
         "--bitmap-order",
@@ -64,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="byte order of the host that wrote the bitmaps (big: s390x, ppc64)",
     )
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mappedram", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -73,16 +113,31 @@ def build_parser() -> argparse.ArgumentParser:
     dump = sub.add_parser(
         "dump",
         parents=[common],
+        epilog=SUB_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="summarise a snapshot file",
         description="Print the header, machine, capabilities, page size, every RAM block "
         "(size, offsets, populated pages) and the sections of the stream.",
     )
-    dump.add_argument("--json", action="store_true", help="print the stable JSON form (see README)")
-    dump.add_argument("--no-sections", action="store_true", help="leave out the list of sections")
+    dump.add_argument(
+        "--json", action="store_true", help="print one JSON object (keys in README; keys are only ever added)"
+    )
+    dump.add_argument(
+        "--no-sections",
+        action="store_true",
+        help="do not walk the stream past the RAM block list: no sections (JSON: sections and eof_offset null)",
+    )
+    shown = dump.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--state", action="store_true", help="print every device's fields, decoded with the VM description"
+    )
+    shown.add_argument("--desc", action="store_true", help="print the VM description (the JSON after EOF)")
 
     ver = sub.add_parser(
         "verify",
         parents=[common],
+        epilog=SUB_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="check the structure of a snapshot file",
         description="Check magic and versions, block headers, page alignment, that bitmaps, "
         "page regions and the stream lie inside the file without overlapping, "
@@ -93,12 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument(
         "--hash", action="store_true", help="also print the sha256 of each block's RAM as QEMU would restore it"
     )
-    ver.add_argument("--json", action="store_true", help="print the report as JSON")
-    ver.add_argument("--progress", action="store_true", default=None, help="show a progress bar for --hash")
+    ver.add_argument(
+        "--json", action="store_true", help="print the report as JSON: {file, valid, problems, notes, sha256}"
+    )
+    ver.add_argument(
+        "--progress", action="store_true", default=None, help="show a progress bar for --hash (default: on a terminal)"
+    )
 
     ext = sub.add_parser(
         "extract",
         parents=[common],
+        epilog=SUB_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="write one RAM block as a sparse raw file",
         description="Write a block's RAM to a raw file: populated pages copied, clear pages "
         "left as holes. The output appears only when complete.",
@@ -112,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser(
         "convert",
         parents=[common],
+        epilog=SUB_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="rewrite a snapshot as mapped-ram or as a classic stream",
         description="Rewrite the RAM of a snapshot in the other layout; device sections, machine "
         "type and section ids are carried over unchanged, so QEMU restores the output "
@@ -132,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument(
         "--channels",
-        type=_int,
+        type=cli_args.channels,
         default=4,
         help=f"1 to {MAX_CHANNELS}, accepted for scripts: convert streams its pages in one pass",
     )
@@ -143,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     elf = sub.add_parser(
         "export-elf",
         parents=[common],
+        epilog=SUB_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="write guest-physical memory as an ELF core",
         description="Map the RAM blocks to guest-physical addresses (x86 pc and q35: pc.ram split "
         "around the PCI hole, the VGA window left out, pc.bios below 4 GiB) and write "
@@ -153,68 +218,111 @@ def build_parser() -> argparse.ArgumentParser:
     elf.add_argument("--force", action="store_true", help="replace OUT if it exists")
     elf.add_argument(
         "--below-4g",
-        type=_int,
+        type=cli_args.below_4g,
         metavar="BYTES",
-        help="bytes of pc.ram below 4 GiB (default: QEMU's rule for the machine type)",
+        help="bytes of pc.ram mapped below 4 GiB, a multiple of 4K up to 4G; the rest goes from 4 GiB up "
+        "(default: QEMU's rule for the pc and q35 machine types)",
     )
     elf.add_argument(
         "--map",
+        type=cli_args.block_at,
         action="append",
         default=[],
         metavar="BLOCK=ADDR",
-        help="also map BLOCK at ADDR, e.g. 0000:00:02.0/vga.vram=0xfd000000 (repeatable)",
+        help="also map the RAM block BLOCK at the page-aligned guest-physical ADDR, "
+        "e.g. 0000:00:02.0/vga.vram=0xfd000000 (repeatable)",
     )
     elf.add_argument(
         "--progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)"
     )
+    visual.register(sub)
+    for command in sub.choices.values():  # the raw formatter keeps the epilog's table; wrap the prose here
+        command.description = textwrap.fill(command.description or "", 80)
     return parser
 
 
-def _open_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "offset": args.offset,
-        "page_size": args.page_size,
-        "bitmap_layout": BIG_ENDIAN_64 if args.bitmap_order == "big" else LITTLE_ENDIAN_64,
-    }
+def _out(line: str = "") -> None:
+    """One line of human-readable output, with what is not printable escaped."""
+    print(printable(line))
+
+
+def _err(line: str) -> None:
+    """One error line on stderr, after ending a progress bar's open line."""
+    end_line()
+    print(printable(f"mappedram: {line}"), file=sys.stderr)
+
+
+class UsageError(Exception):
+    """The command line cannot apply to this file: exit 2 with this one line."""
+
+
+def _recorded_page_size(snap: Snapshot) -> tuple[int, str] | None:
+    """The page size the file states, and where, if it states one."""
+    if snap.target_page_bits:
+        return 1 << snap.target_page_bits, "its target-page-bits"
+    if snap.policy.block_has_mapped_ram_header:
+        first = next(iter(snap), None)
+        if first is not None:
+            return first.page_size, f"the mapped-ram header of block {first.name!r}"
+    return None
+
+
+def _check_page_size(args: argparse.Namespace) -> None:
+    """--page-size is for classic streams that do not record it; where the file records
+    one, a different value would make every offset wrong: refuse it rather than guess."""
+    if args.page_size is None:
+        return
+    try:
+        snap = Snapshot(args.file, **cli_args.open_args(args))
+    except FormatError:
+        return  # the command reports the malformed file itself
+    with snap:
+        recorded = _recorded_page_size(snap)
+    if recorded and recorded[0] != args.page_size:
+        raise UsageError(
+            f"{args.file}: --page-size {args.page_size} contradicts the page size {recorded[0]} in {recorded[1]}; "
+            "the option is for classic streams that do not record it"
+        )
 
 
 def _print_dump(info: dict[str, Any]) -> None:
-    print(f"file:          {info['file']} ({info['size']} bytes, {human(info['size'])})")
+    _out(f"file:          {info['file']} ({info['size']} bytes, {human(info['size'])})")
     lv = info["libvirt"]
     if lv:
         state = "complete" if lv["complete"] else "INCOMPLETE"
-        print(
+        _out(
             f"libvirt:       save header v{lv['version']} ({state}), format {lv['format']}, "
             f"data_len {lv['data_len']}, {lv['byteorder']}-endian"
         )
-    print(f"stream:        QEVM v{info['version']} at {info['stream_start']:#x}, format {info['format']}")
-    print(f"machine:       {info['machine_type'] or '(no configuration section)'}")
-    print(f"capabilities:  {', '.join(info['capabilities']) or '(none)'}")
-    print(
+    _out(f"stream:        QEVM v{info['version']} at {info['stream_start']:#x}, format {info['format']}")
+    _out(f"machine:       {info['machine_type'] or '(no configuration section)'}")
+    _out(f"capabilities:  {', '.join(info['capabilities']) or '(none)'}")
+    _out(
         f"page size:     {info['page_size']}"
         + (f" (target-page-bits {info['target_page_bits']})" if info["target_page_bits"] else "")
     )
     if info["uuid"]:
-        print(f"uuid:          {info['uuid']}")
-    print(
+        _out(f"uuid:          {info['uuid']}")
+    _out(
         f"RAM:           {info['ram_total']} bytes ({human(info['ram_total'] or 0)}) in {len(info['blocks'])} "
         f"blocks, section at {info['ram_section_offset']:#x}"
     )
-    width = max([len(b["name"]) for b in info["blocks"]] + [5])
-    mapped = info["format"] == "mapped-ram"
-    print(
+    names = [printable(b["name"]) for b in info["blocks"]]  # escaped first, so the columns line up
+    width = max([len(n) for n in names] + [5])
+    mapped = policy_for(info["capabilities"]).block_has_mapped_ram_header
+    _out(
         f"  {'block':<{width}}  {'used_length':>12}  {'present':>9}/{'pages':<9}"
         + (f"  {'bitmap_offset':>13}  {'pages_offset':>12}" if mapped else "")
     )
-    for b in info["blocks"]:
-        line = f"  {b['name']:<{width}}  {b['used_length']:>12}  {b['pages_present']:>9}/{b['pages_total']:<9}"
+    for name, b in zip(names, info["blocks"]):
+        line = f"  {name:<{width}}  {b['used_length']:>12}  {b['pages_present']:>9}/{b['pages_total']:<9}"
         if not b["in_file"]:
             line += "  not in the file (x-ignore-shared)"
         elif mapped:
             line += f"  {b['bitmap_offset']:>#13x}  {b['pages_offset']:>#12x}"
-        print(line)
-    if "sections" in info:
-        print(f"sections:      {len(info['sections'])}")
+        _out(line)
+    if info["sections"] is not None:
+        _out(f"sections:      {len(info['sections'])}")
         for s in info["sections"]:
             detail = s.get("command") or " ".join(
                 str(x)
@@ -227,71 +335,78 @@ def _print_dump(info: dict[str, Any]) -> None:
                 if x is not None
             )
             size = f"  payload {s['payload_length']} bytes" if "payload_length" in s else ""
-            print(f"  {s['offset']:#12x}  {s['kind']:<7}  {detail}{size}")
+            _out(f"  {s['offset']:#12x}  {s['kind']:<7}  {detail}{size}")
     vm = info["vmdesc"]
-    print("vmdesc:        " + (f"{vm['json_length']} bytes of JSON at {vm['offset'] + 5:#x}" if vm else "(none)"))
+    where = f"{vm['json_length']} bytes of JSON at {vm['json_offset']:#x} (element at {vm['offset']:#x})" if vm else ""
+    _out("vmdesc:        " + (where or "(none)"))
+
+
+def _dump_info(snap: Snapshot, sections: bool) -> dict[str, Any]:
+    """describe(), with every README key present (null when not walked) and the problems."""
+    info = snap.describe(sections=sections)
+    info.setdefault("sections", None)
+    info.setdefault("eof_offset", None)
+    if info["vmdesc"] is not None:
+        info["vmdesc"]["json_offset"] = info["vmdesc"]["offset"] + VmDescriptionHead.sizeof()
+    info["problems"] = [{"offset": p.offset, "message": p.text} for p in snap.problems]
+    return info
+
+
+def _json_out(value: Any) -> None:
+    json.dump(value, sys.stdout, indent=2, ensure_ascii=True)
+    print()
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
-    with open_image(args.file, **_open_args(args)) as snap:
-        info = snap.describe(sections=not args.no_sections)
-        info["problems"] = [{"offset": p.offset, "message": p.text} for p in snap.problems]
+    if args.state or args.desc:
+        with open_image(args.file, **cli_args.open_args(args)) as snap:
+            print_device_states(snap, sys.stdout, desc=args.desc, as_json=args.json)
+        return EXIT_OK
+    with open_image(args.file, **cli_args.open_args(args)) as snap:
+        info = _dump_info(snap, sections=not args.no_sections)
     if args.json:
-        json.dump(info, sys.stdout, indent=2)
-        print()
+        _json_out(info)
     else:
         _print_dump(info)
         for p in info["problems"]:
-            print(f"warning: offset {p['offset']:#x}: {p['message']}")
+            _out(f"warning: offset {p['offset']:#x}: {p['message']}")
     return EXIT_OK
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     bar = ProgressBar("hashing", args.progress) if args.hash else None
-    report = verify(args.file, hash_blocks=args.hash, progress=bar, **_open_args(args))
-    if bar and report.hashes:
+    report = verify(args.file, hash_blocks=args.hash, progress=bar, **cli_args.open_args(args))
+    if bar:
         bar.close()
     if args.json:
-        json.dump(report.describe(), sys.stdout, indent=2)
-        print()
+        _json_out(report.describe())
     else:
         for p in report.problems:
-            print(f"{args.file}: offset {p.offset:#x} ({p.offset}): {p.text}")
+            _out(f"{args.file}: offset {p.offset:#x} ({p.offset}): {p.text}")
         for name, digest in report.hashes.items():
-            print(f"{digest}  {name}")
+            _out(f"{digest}  {name}")
         if report.ok:
-            print(f"{args.file}: valid" + "".join(f" ({n})" for n in report.notes))
+            _out(f"{args.file}: valid" + "".join(f" ({n})" for n in report.notes))
     return EXIT_OK if report.ok else EXIT_INVALID
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    with open_image(args.file, **_open_args(args)) as snap:
+    with open_image(args.file, **cli_args.open_args(args)) as snap:
         if args.block not in snap.blocks:
-            print(
-                f"mappedram: no RAM block {args.block!r} in {args.file}; blocks: {', '.join(snap.blocks)}",
-                file=sys.stderr,
-            )
-            return EXIT_UNREADABLE
+            raise UsageError(f"no RAM block {args.block!r} in {args.file}; blocks: {', '.join(snap.blocks)}")
         if not snap.block(args.block).in_file:  # the file is valid; what was asked is not in it
-            print(f"mappedram: {args.file}: {not_in_file(snap.block(args.block))}", file=sys.stderr)
-            return EXIT_UNREADABLE
+            raise UsageError(f"{args.file}: {not_in_file(snap.block(args.block))}")
         bar = ProgressBar(f"extract {args.block}", args.progress)
         copied = extract(snap, args.block, args.output, overwrite=args.force, progress=bar)
         bar.close()
         block = snap.block(args.block)
-    print(f"{args.output}: {block.used_length} bytes, {copied} copied from {block.populated} populated pages")
+    _out(f"{args.output}: {block.used_length} bytes, {copied} copied from {block.populated} populated pages")
     return EXIT_OK
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    try:
-        check_count(args.channels)
-    except ValueError as err:
-        print(f"mappedram: --{err}", file=sys.stderr)
-        return EXIT_UNREADABLE
     if args.compress and args.to != "stream":
-        print("mappedram: --compress goes with --to stream (libvirt compresses only classic streams)", file=sys.stderr)
-        return EXIT_UNREADABLE
+        raise UsageError("--compress goes with --to stream (libvirt compresses only classic streams)")
     bar = ProgressBar(f"convert to {args.to}", args.progress)
     try:
         convert(
@@ -301,38 +416,40 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             overwrite=args.force,
             progress=bar,
             compress=args.compress,
-            **_open_args(args),
+            **cli_args.open_args(args),
         )
     except ValueError as err:
         if isinstance(err, FormatError):
             raise
-        print(f"mappedram: {args.file}: {err}", file=sys.stderr)
-        return EXIT_UNREADABLE
+        raise UsageError(f"{args.file}: {err}") from None
     bar.close()
-    print(f"{args.output}: written as {args.to}" + (f", {args.compress}-compressed" if args.compress else ""))
+    _out(f"{args.output}: written as {args.to}" + (f", {args.compress}-compressed" if args.compress else ""))
     return EXIT_OK
 
 
 def _cmd_export_elf(args: argparse.Namespace) -> int:
-    extra = {}
-    for item in args.map:
-        name, sep, addr = item.rpartition("=")
-        if not sep or not name:
-            print(f"mappedram: --map takes BLOCK=ADDR, not {item!r}", file=sys.stderr)
-            return EXIT_UNREADABLE
-        extra[name] = int(addr, 0)
-    with open_image(args.file, **_open_args(args)) as snap:
+    extra = dict(args.map)
+    if len(extra) < len(args.map):
+        raise UsageError("--map names a block twice")
+    with open_image(args.file, **cli_args.open_args(args)) as snap:
         try:
             view = PhysicalView(snap, below_4g_size=args.below_4g, extra=extra)
         except (KeyError, ValueError) as err:
-            print(f"mappedram: {err.args[0]}", file=sys.stderr)
-            return EXIT_UNREADABLE
+            raise UsageError(str(err.args[0])) from None
+        for r in view.regions:
+            if r.end <= cli_args.U64_END:
+                continue
+            if r.block in extra:
+                raise UsageError(f"{r.block} at {r.start:#x} ({r.size} bytes) ends past the 64-bit address space")
+            raise FormatError(  # the file's claim of the block's length does not fit
+                snap.block(r.block).entry_offset, f"{r.block!r} to fit below 2^64 from {r.start:#x}", f"{r.size} bytes"
+            )
         bar = ProgressBar("export-elf", args.progress)
         copied = export_elf(view, args.output, overwrite=args.force, progress=bar)
         bar.close()
     for r in view.regions:
-        print(f"PT_LOAD {r.start:#014x}-{r.end:#014x}  {r.block} +{r.offset:#x}")
-    print(f"{args.output}: {len(view.regions)} segments, {copied} bytes of page data")
+        _out(f"PT_LOAD {r.start:#014x}-{r.end:#014x}  {r.block} +{r.offset:#x}")
+    _out(f"{args.output}: {len(view.regions)} segments, {copied} bytes of page data")
     return EXIT_OK
 
 
@@ -342,25 +459,52 @@ COMMANDS = {
     "verify": _cmd_verify,
     "extract": _cmd_extract,
     "convert": _cmd_convert,
+    **visual.COMMANDS,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        _check_page_size(args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that left is seen here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # `mappedram dump FILE | head`: nothing more can be said
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except FormatError as err:
-        print(f"mappedram: {args.file}: {err}", file=sys.stderr)
-        return EXIT_INVALID
-    except BrokenPipeError:  # `mappedram dump FILE | head`: the reader left, that is fine
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_INVALID
+        return _fail(args, EXIT_INVALID, f"{args.file}: {err}", err.offset)
+    except UsageError as err:
+        return _fail(args, EXIT_UNREADABLE, str(err))
     except OSError as err:
-        print(f"mappedram: {err.filename or args.file}: {err.strerror or err}", file=sys.stderr)
-        return EXIT_UNREADABLE
+        return _fail(args, EXIT_UNREADABLE, f"{err.filename or args.file}: {err.strerror or err}")
     except KeyboardInterrupt:
-        print("mappedram: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _fail(args, EXIT_INTERRUPTED, "interrupted")
+
+
+def _fail(args: argparse.Namespace, code: int, text: str, offset: int | None = None) -> int:
+    """The error line on stderr; with --json also the error as JSON on stdout."""
+    _err(text)
+    if getattr(args, "json", False):
+        try:
+            _json_out({"file": args.file, "error": {"exit_code": code, "offset": offset, "message": text}})
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+            return EXIT_BROKEN_PIPE
+    return code
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush does not fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (a test's capture)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

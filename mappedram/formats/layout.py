@@ -18,6 +18,15 @@ from . import structs as S
 from .bitmap import BitmapLayout
 from .constants import MAPPED_RAM_ALIGNMENT
 
+# The page sizes QEMU's targets have: target-page-bits from 9 to 30 (FORMAT.md §1.3).
+MIN_PAGE_BITS, MAX_PAGE_BITS = 9, 30
+MIN_PAGE_SIZE, MAX_PAGE_SIZE = 1 << MIN_PAGE_BITS, 1 << MAX_PAGE_BITS
+
+
+def valid_page_size(size: int) -> bool:
+    """A power of two from 512 bytes to 1 GiB: every page size the reader and writer accept."""
+    return MIN_PAGE_SIZE <= size <= MAX_PAGE_SIZE and not size & (size - 1)
+
 
 def round_up(value: int, align: int) -> int:
     return -(-value // align) * align

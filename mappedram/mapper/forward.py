@@ -19,7 +19,6 @@ after them), and kept in memory (at most DEVICE_STATE_LIMIT) for convert.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Protocol
@@ -41,7 +40,7 @@ from .prologue import read_libvirt, read_stream_prologue
 from .ram_section import StreamRamSectionReader
 from .snapshot import DEFAULT_PAGE_SIZE, Snapshot
 from .source import UNKNOWN_SIZE, Cursor, Source
-from .vmdesc import VMDESC_SEARCH_LIMIT, device_payload_size
+from .vmdesc import VMDESC_SEARCH_LIMIT, device_payload_size, load_vmdesc
 from .walker import StreamWalker
 
 __all__ = ["ForwardSnapshot", "PageConsumer", "open_image"]
@@ -262,6 +261,21 @@ class _ForwardWalker(StreamWalker):
             self.problems.append(Problem(end, "expected the end of the stream after the VM description, found more"))
 
 
+_VMDESC_HEAD = S.VmDescriptionHead.sizeof()
+
+
+class _Passed:
+    """Bytes kept from a forward pass, read like a Source (for load_vmdesc)."""
+
+    def __init__(self, offset: int, data: bytes, size: int) -> None:
+        self.offset, self.data, self.size = offset, data, size
+
+    def read(self, offset: int, length: int, what: str) -> bytes:
+        if offset != self.offset or length != len(self.data):
+            raise FormatError(offset, f"{what} as it passed", "another range")
+        return self.data
+
+
 class ForwardSnapshot(Snapshot):
     """A compressed libvirt image, read once from front to back (see the module)."""
 
@@ -337,11 +351,10 @@ class ForwardSnapshot(Snapshot):
         if self._walker.vmdesc is not None and self.vmdesc_location is None:
             offset, text = self._walker.vmdesc
             self.vmdesc_location = (offset, len(text))
-            try:
-                value = json.loads(text)
-                if not isinstance(value, dict):
-                    raise ValueError("the VM description is not a JSON object")
-                self._vmdesc = value
+            try:  # the same parse and checks as a random-access file's description
+                self._vmdesc = load_vmdesc(
+                    _Passed(offset + _VMDESC_HEAD, text, self._walker.cursor.size), offset, len(text)
+                )
             except ValueError as err:
                 self._vmdesc_error = str(err)
                 self.problems.append(Problem(offset, f"expected a VM description in JSON, found {err}"))

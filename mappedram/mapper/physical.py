@@ -24,6 +24,7 @@ from typing import Callable, Mapping
 from ..errors import FormatError
 from .blocks import RamBlock
 from .copy_plan import GAP, copy_plan, copy_range
+from .cpunotes import cpu_notes
 from .forward import ForwardSnapshot, copy_regions_forward
 from .output import output_file
 from .snapshot import Snapshot
@@ -111,11 +112,12 @@ def _block_bytes(block: RamBlock, offset: int, size: int) -> bytes:
     return bytes(out)
 
 
-# ELF64 core, x86-64, little-endian: one PT_LOAD per region, like dump-guest-memory
-# with paging off (p_vaddr 0, p_paddr the guest-physical address).
+# ELF64 core, little-endian: the vCPUs' notes (cpunotes.py, which also give e_machine) in a
+# PT_NOTE, then one PT_LOAD per region, like dump-guest-memory with paging off (p_vaddr 0,
+# p_paddr the guest-physical address).
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _PHDR = struct.Struct("<IIQQQQQQ")
-PT_LOAD, ET_CORE, EM_X86_64, PF_RWX = 1, 4, 62, 7
+PT_LOAD, PT_NOTE, ET_CORE, EM_X86_64, PF_RWX = 1, 4, 4, 62, 7
 
 
 def export_elf(
@@ -130,17 +132,23 @@ def export_elf(
     regions = view.regions
     if not regions:
         raise FormatError(0, "RAM blocks to export", "none")
-    data_start = _EHDR.size + _PHDR.size * len(regions)
+    notes = cpu_notes(view.snapshot)
+    phnum = len(regions) + (notes is not None)
+    notes_at = _EHDR.size + _PHDR.size * phnum
+    data_start = notes_at + (len(notes.data) if notes else 0)
     offsets, pos = [], -(-data_start // 4096) * 4096
     for region in regions:
         offsets.append(pos)
         pos += -(-region.size // 4096) * 4096
     ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)  # 64-bit, little-endian, SysV
-    header = _EHDR.pack(
-        ident, ET_CORE, EM_X86_64, 1, 0, _EHDR.size, 0, 0, _EHDR.size, _PHDR.size, len(regions), 0, 0, 0
-    )
+    machine = notes.machine if notes else EM_X86_64
+    header = _EHDR.pack(ident, ET_CORE, machine, 1, 0, _EHDR.size, 0, 0, _EHDR.size, _PHDR.size, phnum, 0, 0, 0)
+    if notes:
+        header += _PHDR.pack(PT_NOTE, 0, notes_at, 0, 0, len(notes.data), len(notes.data), 0)
     for region, off in zip(regions, offsets):
         header += _PHDR.pack(PT_LOAD, PF_RWX, off, 0, region.start, region.size, region.size, 0)
+    if notes:
+        header += notes.data
     copied = 0
     with output_file(out_path, overwrite=overwrite, source_fd=view.snapshot.fd) as fd:
         os.ftruncate(fd, pos)

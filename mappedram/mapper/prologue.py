@@ -21,7 +21,7 @@ from ..formats.constants import (
     SUB_UUID,
     SectionType,
 )
-from ..formats.layout import field_offsets
+from ..formats.layout import MAX_PAGE_BITS, MIN_PAGE_BITS, field_offsets
 from ..formats.policy import compressed_image, libvirt_data_problem, libvirt_format_problem
 from .elements import Problem
 from .source import Cursor
@@ -190,8 +190,10 @@ def _configuration(cursor: Cursor) -> Configuration:
             capabilities = tuple(sub.body.names)
         elif name == SUB_TARGET_PAGE_BITS:
             bits = sub.body.bits
-            if not 9 <= bits <= 30:
-                raise FormatError(cursor.pos - 4, "target page bits between 9 and 30", str(bits))
+            if not MIN_PAGE_BITS <= bits <= MAX_PAGE_BITS:
+                raise FormatError(
+                    cursor.pos - 4, f"target page bits between {MIN_PAGE_BITS} and {MAX_PAGE_BITS}", str(bits)
+                )
             target_page_bits = bits
         elif name == SUB_UUID:
             uuid = sub.body.uuid.hex()

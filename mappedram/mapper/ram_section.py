@@ -19,7 +19,7 @@ from ..errors import FormatError
 from ..formats import structs as S
 from ..formats.bitmap import BitmapLayout
 from ..formats.constants import MAPPED_RAM_VERSION, RamFlag
-from ..formats.layout import HEADER_FIELDS, HEADER_SIZE, parsed_place
+from ..formats.layout import HEADER_FIELDS, HEADER_SIZE, parsed_place, valid_page_size
 from ..formats.policy import ModePolicy, block_in_file
 from .blocks import MappedRamBlock, RamBlock, StreamRamBlock
 from .elements import Problem
@@ -160,7 +160,7 @@ class MappedRamSectionReader(RamSectionReader):
                 header_offset, f"mapped-ram header version {MAPPED_RAM_VERSION} for {name!r}", str(hdr.version)
             )
         ps = hdr.page_size
-        if ps < 512 or ps & (ps - 1) or ps > 1 << 30:
+        if not valid_page_size(ps):
             raise FormatError(
                 header_offset + HEADER_FIELDS["page_size"], f"a power-of-two page size for {name!r}", str(ps)
             )

@@ -18,6 +18,7 @@ from ..formats.bitmap import LITTLE_ENDIAN_64, BitmapLayout
 from ..formats.constants import CAP_IGNORE_SHARED, RAM_IDSTR
 from ..formats.policy import Mode, ModePolicy, libvirt_stream_problem, policy_for
 from .blocks import Progress, RamBlock
+from .devstate import device_state
 from .elements import Problem, Section
 from .parallel_load import RestoreStats, load_blocks
 from .prologue import LIBVIRT_FORMAT_AT, LibvirtHeader, Prologue, read_prologue
@@ -240,6 +241,10 @@ class Snapshot:
         )
 
     # -- summaries ------------------------------------------------------------------
+    def device_state(self, idstr: str, instance_id: int = 0) -> dict[str, Any]:
+        """One device section decoded with the VM description (mapper/devstate.py)."""
+        return device_state(self, idstr, instance_id)
+
     def describe(self, sections: bool = True) -> dict[str, Any]:
         """The stable JSON form of ``mappedram dump --json`` (see README)."""
         out: dict[str, Any] = {

@@ -205,29 +205,22 @@ class StreamWalker:
         """Move past a device section's payload."""
         cursor = self.cursor
         pos = cursor.pos
+        # load_vmdesc checked the description's shape: names, ids and sizes can be trusted
         devices = (self._vmdesc() or {}).get("devices") if sec.kind == "full" else None
-        if isinstance(devices, list) and self._device_index < len(devices):
+        if devices is not None and self._device_index < len(devices):
             dev = devices[self._device_index]
             self._device_index += 1
-            if isinstance(dev, dict) and dev.get("name") == sec.idstr and dev.get("instance_id", 0) == sec.instance_id:
-                try:
-                    size = device_payload_size(dev)
-                except (KeyError, TypeError, ValueError, OverflowError, RecursionError):  # JSON is free-form
-                    self.problems.append(
-                        Problem(pos, f"expected usable field sizes in the VM description of {sec.idstr}, found none")
-                    )
-                else:
-                    cursor.require(size, f"device state of {sec.idstr} (size from the VM description)")
-                    cursor.skip_to(pos + size, f"the device state of {sec.idstr}")
-                    return
-            else:
-                self.problems.append(
-                    Problem(
-                        sec.offset,
-                        f"expected section {sec.idstr!r} in the VM description's order, "
-                        f"found {dev.get('name') if isinstance(dev, dict) else dev!r}",
-                    )
+            if dev["name"] == sec.idstr and dev.get("instance_id", 0) == sec.instance_id:
+                size = device_payload_size(dev)
+                cursor.require(size, f"device state of {sec.idstr} (size from the VM description)")
+                cursor.skip_to(pos + size, f"the device state of {sec.idstr}")
+                return
+            self.problems.append(
+                Problem(
+                    sec.offset,
+                    f"expected section {sec.idstr!r} in the VM description's order, found {dev['name']!r}",
                 )
+            )
         if self.footers is False:
             raise FormatError(
                 pos, f"a VM description or section footers to delimit {sec.idstr or sec.section_id}", "neither"

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..formats.bitmap import LITTLE_ENDIAN_64, BitmapLayout
 from ..formats.constants import CAP_MAPPED_RAM, MAPPED_RAM_ALIGNMENT, QEVM_MAGIC
-from ..formats.layout import BlockPlace
+from ..formats.layout import MAX_PAGE_SIZE, MIN_PAGE_SIZE, BlockPlace, valid_page_size
 from ..formats.policy import POLICIES, Event, Mode, ModePolicy, Sync
 from .channels import check_count, pwrite_all
 from .encoder import DeviceState, StreamComposer
@@ -36,7 +36,6 @@ from .tracking import DigestTracking, ManualTracking, Tracker
 
 __all__ = ["DeviceState", "RoundStats", "SnapshotWriter"]
 
-MAX_PAGE_SIZE = 1 << 30  # the largest page size the reader accepts (snapshot.py)
 BATCH_BYTES = 8 << 20  # the most one channel item writes: on Linux 6.x, 1 MiB pwrites cost about
 # twice the kernel time of 8 MiB ones into the page cache (bench/bench_mapper.py)
 
@@ -100,8 +99,8 @@ class SnapshotWriter:
         channel_hook: ChannelHook | None = None,
     ) -> None:
         check_count(channels)
-        if page_size < 512 or page_size & (page_size - 1) or page_size > MAX_PAGE_SIZE:
-            raise ValueError(f"page size {page_size} is not a power of two from 512 to {MAX_PAGE_SIZE}")
+        if not valid_page_size(page_size):
+            raise ValueError(f"page size {page_size} is not a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}")
         if alignment < page_size or alignment % page_size:
             raise ValueError(f"alignment {alignment} is not a multiple of the page size {page_size}")
         if dirty_tracking not in ("digest", "manual"):

@@ -1,0 +1,100 @@
+"""The value types of the command line's options: sizes, offsets, page sizes, BLOCK=ADDR.
+
+Each raises ``argparse.ArgumentTypeError`` with one line saying what was expected, so
+argparse prints it with the usage and exits 2. Numbers are decimal or ``0x`` hex; a
+decimal size may carry a binary suffix: ``4K``, ``4KiB``, ``1M``, ``2G``, ``1T``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
+from .formats.layout import MAX_PAGE_SIZE, MIN_PAGE_SIZE, valid_page_size
+from .mapper.channels import MAX_CHANNELS, check_count
+
+U64_END = 1 << 64  # first value past a 64-bit file offset or guest-physical address
+OFF_T_END = 1 << 63  # first offset past what lseek/pread take
+# export-elf places x86 memory; QEMU maps RAM there in whole 4 KiB target pages.
+X86_PAGE = 4096
+FOUR_GIB = 1 << 32
+
+_UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
+_NUMBER = re.compile(r"0x(?P<hex>[0-9a-f]+)|(?P<dec>[0-9]+)(?:(?P<unit>[kmgtpe])(?:ib|b)?|b)?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """A non-negative byte count or offset: ``4096``, ``0x1000``, ``4K``, ``4KiB``."""
+    match = _NUMBER.fullmatch(text.strip())
+    if match is None or len(text) > 40:  # 40 characters hold any 64-bit number
+        raise argparse.ArgumentTypeError(
+            f"expected a non-negative number of bytes (decimal, 0x hex, or with K/M/G/T), found {text!r}"
+        )
+    if match["hex"] is not None:
+        return int(match["hex"], 16)
+    return int(match["dec"]) << _UNITS[(match["unit"] or "").upper()]
+
+
+def _below(value: int, end: int, text: str, what: str) -> int:
+    if value >= end:
+        raise argparse.ArgumentTypeError(f"expected {what} below {end:#x}, found {text!r}")
+    return value
+
+
+def file_offset(text: str) -> int:
+    """--offset: where the stream starts in the file."""
+    return _below(parse_size(text), OFF_T_END, text, "a file offset")
+
+
+def page_size(text: str) -> int:
+    """--page-size: a power of two the reader accepts."""
+    value = parse_size(text)
+    if not valid_page_size(value):
+        raise argparse.ArgumentTypeError(
+            f"expected a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE} (1 GiB), found {text!r}"
+        )
+    return value
+
+
+def channels(text: str) -> int:
+    """--channels: how many channel threads, QEMU's multifd-channels range."""
+    try:
+        return check_count(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to {MAX_CHANNELS}, found {text!r}") from None
+
+
+def below_4g(text: str) -> int:
+    """--below-4g: bytes of main RAM under 4 GiB, in whole x86 pages, at most 4 GiB."""
+    value = parse_size(text)
+    if value % X86_PAGE or value > FOUR_GIB:
+        raise argparse.ArgumentTypeError(
+            f"expected a multiple of {X86_PAGE} (the x86 page) up to 4 GiB, found {text!r}"
+        )
+    return value
+
+
+def block_at(text: str) -> tuple[str, int]:
+    """--map BLOCK=ADDR: a RAM block name and a page-aligned guest-physical address."""
+    name, sep, addr_text = text.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected BLOCK=ADDR, e.g. vga.vram=0xfd000000, found {text!r}")
+    try:
+        addr = parse_size(addr_text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected BLOCK=ADDR with a number for ADDR, found {text!r}") from None
+    _below(addr, U64_END, text, "a guest-physical address")
+    if addr % X86_PAGE:
+        raise argparse.ArgumentTypeError(f"expected ADDR to be a multiple of {X86_PAGE} (the x86 page), found {text!r}")
+    return name, addr
+
+
+def open_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``mappedram.open`` that the common options give."""
+    return {
+        "offset": getattr(args, "offset", None),
+        "page_size": args.page_size,
+        "bitmap_layout": BIG_ENDIAN_64 if args.bitmap_order == "big" else LITTLE_ENDIAN_64,
+    }
