@@ -40,7 +40,7 @@ from .output import OutputFile, output_file
 from .snapshot import Snapshot
 
 Progress = Callable[[int, int], None]
-PIECE_BYTES = 8 << 20  # the most read at a time when streaming a block's pages
+PIECE_BYTES = 1 << 20  # the most read at a time when streaming a block's pages (cache-sized)
 COPY_RANGE_BYTES = 1 << 20  # extents at least this long are copied kernel-side
 TARGETS = ("mapped-ram", "stream")
 COMPRESSORS = tuple(f.name for f in SAVE_FORMATS.values() if f.magic is not None)  # what libvirt compresses with
@@ -315,6 +315,17 @@ def to_stream(
                 _write_stream(src, out, progress)
 
 
+def _open_source(path: str | os.PathLike[str], to: str, progress: Progress | None, open_args: Any) -> Snapshot:
+    """The input; a classic stream going to mapped-ram opened for one forward pass, so that
+    its pages go into their slots as the records pass (no page index in memory)."""
+    src = open_image(path, progress=progress, **open_args)
+    if to != "mapped-ram" or isinstance(src, ForwardSnapshot) or not src.policy.pages_in_stream:
+        return src
+    src.close()
+    args = {k: open_args.get(k) for k in ("offset", "page_size")}
+    return ForwardSnapshot(path, progress=progress, **args)
+
+
 def convert(
     src_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -333,7 +344,7 @@ def convert(
         raise ValueError(f"convert to 'mapped-ram' or 'stream', not {to!r}")
     if compress is not None and to != "stream":
         raise ValueError("--compress goes with --to stream (libvirt compresses only classic streams)")
-    with open_image(src_path, progress=progress, **open_args) as src:
+    with _open_source(src_path, to, progress, open_args) as src:
         if to == "mapped-ram":
             to_mapped_ram(src, out_path, overwrite=overwrite, progress=progress)
         else:
