@@ -425,6 +425,8 @@ class ForwardSnapshot(Snapshot):
 
     @property
     def vmdesc(self) -> dict[str, Any] | None:
+        """The description after EOF: asking for it walks the stream (the pages pass)."""
+        self.walk_all()
         return self._vmdesc
 
     def consume(self, consumer: PageConsumer, progress: Progress | None = None) -> None:

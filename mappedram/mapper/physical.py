@@ -132,7 +132,8 @@ def export_elf(
     regions = view.regions
     if not regions:
         raise FormatError(0, "RAM blocks to export", "none")
-    notes = cpu_notes(view.snapshot)
+    # a compressed image's registers come after its pages: its one pass writes no notes
+    notes = None if isinstance(view.snapshot, ForwardSnapshot) else cpu_notes(view.snapshot)
     phnum = len(regions) + (notes is not None)
     notes_at = _EHDR.size + _PHDR.size * phnum
     data_start = notes_at + (len(notes.data) if notes else 0)
