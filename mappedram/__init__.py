@@ -5,6 +5,7 @@ from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64, BitmapLayout
 from .formats.policy import Mode
 from .mapper.blocks import MappedRamBlock, RamBlock, StreamRamBlock
 from .mapper.convert import convert
+from .mapper.extract_all import extract_all
 from .mapper.physical import PhysicalView, export_elf
 from .mapper.restore import extract, restore, restore_into
 from .mapper.snapshot import Snapshot, open
@@ -30,6 +31,7 @@ __all__ = [
     "convert",
     "export_elf",
     "extract",
+    "extract_all",
     "open",
     "restore",
     "restore_into",

@@ -25,13 +25,15 @@ from .errors import FormatError
 from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
 from .formats.policy import policy_for
 from .formats.structs import VmDescriptionHead
-from .mapper.blocks import not_in_file
+from .mapper.blocks import MappedRamBlock, not_in_file
 from .mapper.channels import MAX_CHANNELS
 from .mapper.convert import convert
 from .mapper.devstate import print_device_states
+from .mapper.extract_all import DESC_NAME, MAP_NAME, STATE_NAME, extract_all
 from .mapper.physical import PhysicalView, export_elf
 from .mapper.restore import extract
 from .mapper.snapshot import Snapshot
+from .mapper.stale import extract_stale
 from .mapper.verify import verify
 from .progress import ProgressBar, end_line, human
 from .textsafe import printable
@@ -131,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--state", action="store_true", help="print every device's fields, decoded with the VM description"
     )
     shown.add_argument("--desc", action="store_true", help="print the VM description (the JSON after EOF)")
+    shown.add_argument(
+        "--libvirt-xml",
+        action="store_true",
+        help="print the domain XML of the libvirt save header (with --json: {file, domain_xml, cookie})",
+    )
+    dump.add_argument(
+        "--stale",
+        action="store_true",
+        help="also count each mapped-ram block's stale slots (clear bit, non-zero bytes left in the slot: "
+        "old guest memory from a live save); reads the clear slots that hold data (JSON: stale_slots, "
+        "else null)",
+    )
 
     ver = sub.add_parser(
         "verify",
@@ -159,13 +173,28 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         epilog=SUB_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="write one RAM block as a sparse raw file",
+        help="write RAM blocks as sparse raw files",
         description="Write a block's RAM to a raw file: populated pages copied, clear pages "
-        "left as holes. The output appears only when complete.",
+        "left as holes. The output appears only when complete. --all writes every block into "
+        "the directory OUT (made if missing), each as NAME.raw with the name made safe "
+        "(characters other than A-Za-z0-9._+- become _), with blocks.json (block name -> "
+        "file), desc.json (the VM description) and state.json (every device decoded, as "
+        "dump --state --json prints it). --stale writes, instead of the block's RAM, the "
+        "bytes left in the slots of its clear pages, at their page offsets: NOT the guest's "
+        "RAM at save time, but old guest memory a live save left behind (forensics).",
     )
-    ext.add_argument("--block", required=True, metavar="NAME", help="the RAM block, e.g. pc.ram")
-    ext.add_argument("-o", "--output", required=True, metavar="OUT", help="the raw file to write")
-    ext.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    which = ext.add_mutually_exclusive_group(required=True)
+    which.add_argument("--block", metavar="NAME", help="the RAM block, e.g. pc.ram")
+    which.add_argument("--all", action="store_true", help="every block, desc.json and state.json into OUT")
+    ext.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="the raw file to write (--all: the directory)"
+    )
+    ext.add_argument("--force", action="store_true", help="replace OUT (--all: the files in OUT) if it exists")
+    ext.add_argument(
+        "--stale",
+        action="store_true",
+        help="with --block: write the stale slots' bytes (clear bit, non-zero slot), not the block's RAM",
+    )
     ext.add_argument(
         "--progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)"
     )
@@ -281,7 +310,7 @@ def _check_page_size(args: argparse.Namespace) -> None:
         )
 
 
-def _print_dump(info: dict[str, Any]) -> None:
+def _print_dump(info: dict[str, Any], stale_counted: bool = False) -> None:
     _out(f"file:          {info['file']} ({info['size']} bytes, {human(info['size'])})")
     lv = info["libvirt"]
     if lv:
@@ -306,12 +335,16 @@ def _print_dump(info: dict[str, Any]) -> None:
     names = [printable(b["name"]) for b in info["blocks"]]  # escaped first, so the columns line up
     width = max([len(n) for n in names] + [5])
     mapped = policy_for(info["capabilities"]).block_has_mapped_ram_header
+    stale = stale_counted and mapped
     _out(
         f"  {'block':<{width}}  {'used_length':>12}  {'present':>9}/{'pages':<9}"
+        + (f"  {'stale':>7}" if stale else "")
         + (f"  {'bitmap_offset':>13}  {'pages_offset':>12}" if mapped else "")
     )
     for name, b in zip(names, info["blocks"]):
         line = f"  {name:<{width}}  {b['used_length']:>12}  {b['pages_present']:>9}/{b['pages_total']:<9}"
+        if stale:
+            line += f"  {'-' if b['stale_slots'] is None else b['stale_slots']:>7}"
         if not b["in_file"]:
             line += "  not in the file (x-ignore-shared)"
         elif mapped:
@@ -337,9 +370,9 @@ def _print_dump(info: dict[str, Any]) -> None:
     _out("vmdesc:        " + (where or "(none)"))
 
 
-def _dump_info(snap: Snapshot, sections: bool) -> dict[str, Any]:
+def _dump_info(snap: Snapshot, sections: bool, stale: bool = False) -> dict[str, Any]:
     """describe(), with every README key present (null when not walked) and the problems."""
-    info = snap.describe(sections=sections)
+    info = snap.describe(sections=sections, stale=stale)
     info.setdefault("sections", None)
     info.setdefault("eof_offset", None)
     if info["vmdesc"] is not None:
@@ -358,14 +391,32 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         with Snapshot(args.file, **_open_args(args)) as snap:
             print_device_states(snap, sys.stdout, desc=args.desc, as_json=args.json)
         return EXIT_OK
+    if args.libvirt_xml:
+        return _dump_libvirt_xml(args)
     with Snapshot(args.file, **_open_args(args)) as snap:
-        info = _dump_info(snap, sections=not args.no_sections)
+        info = _dump_info(snap, sections=not args.no_sections, stale=args.stale)
     if args.json:
         _json_out(info)
     else:
-        _print_dump(info)
+        _print_dump(info, stale_counted=args.stale)
         for p in info["problems"]:
             _out(f"warning: offset {p['offset']:#x}: {p['message']}")
+    return EXIT_OK
+
+
+def _dump_libvirt_xml(args: argparse.Namespace) -> int:
+    with Snapshot(args.file, **_open_args(args)) as snap:
+        libvirt, problems = snap.libvirt, list(snap.problems)
+    if libvirt is None:
+        raise UsageError(f"{args.file}: no libvirt save header (LibvirtQemudSave), so no domain XML")
+    if args.json:
+        _json_out({"file": args.file, "domain_xml": libvirt.domain_xml, "cookie": libvirt.cookie})
+        return EXIT_OK
+    xml = libvirt.domain_xml.removesuffix("\n")
+    for line in xml.split("\n") if xml else []:  # only newlines end lines; printable() escapes the rest
+        _out(line)
+    for p in problems:
+        print(printable(f"mappedram: warning: offset {p.offset:#x}: {p.text}"), file=sys.stderr)
     return EXIT_OK
 
 
@@ -387,16 +438,45 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    if args.all:
+        return _extract_all(args)
     with Snapshot(args.file, **_open_args(args)) as snap:
         if args.block not in snap.blocks:
             raise UsageError(f"no RAM block {args.block!r} in {args.file}; blocks: {', '.join(snap.blocks)}")
         if not snap.block(args.block).in_file:  # the file is valid; what was asked is not in it
             raise UsageError(f"{args.file}: {not_in_file(snap.block(args.block))}")
+        block = snap.block(args.block)
+        if args.stale:
+            if not isinstance(block, MappedRamBlock):
+                raise UsageError(f"{args.file}: stale slots exist only in mapped-ram files; this is a classic stream")
+            bar = ProgressBar(f"extract stale slots of {args.block}", args.progress)
+            slots, written = extract_stale(snap, args.block, args.output, overwrite=args.force, progress=bar)
+            bar.close()
+            _out(
+                f"{args.output}: {block.used_length} bytes, {slots} stale slots ({written} bytes) at their page "
+                "offsets: old bytes left in clear slots, NOT the guest's RAM at save time"
+            )
+            return EXIT_OK
         bar = ProgressBar(f"extract {args.block}", args.progress)
         copied = extract(snap, args.block, args.output, overwrite=args.force, progress=bar)
         bar.close()
-        block = snap.block(args.block)
     _out(f"{args.output}: {block.used_length} bytes, {copied} copied from {block.populated} populated pages")
+    return EXIT_OK
+
+
+def _extract_all(args: argparse.Namespace) -> int:
+    if args.stale:
+        raise UsageError("--stale takes one --block, not --all")
+    with Snapshot(args.file, **_open_args(args)) as snap:
+        bar = ProgressBar("extract all blocks", args.progress)
+        summary = extract_all(snap, args.output, overwrite=args.force, progress=bar)
+        bar.close()
+    for name, entry in summary["blocks"].items():
+        where = os.path.join(args.output, entry["path"]) if entry["path"] else "not in the file (x-ignore-shared)"
+        _out(f"{name}: {where}")
+    if summary["desc"] is None:
+        _out(f"{args.output}: no VM description in the file: {DESC_NAME} and {STATE_NAME} not written")
+    _out(f"{args.output}: {len(summary['blocks'])} blocks, map in {os.path.join(args.output, MAP_NAME)}")
     return EXIT_OK
 
 
