@@ -6,9 +6,10 @@ zero, leaving the old bytes in the slot; a file edited by hand may hold anything
 These bytes are not the guest's RAM at save time, but they are old guest memory, which
 matters for forensics and for what a "sparse" file really discloses.
 
-Counting reads only the clear slots that hold data: the gaps of the copy plan, with
-``SEEK_DATA``/``SEEK_HOLE`` skipping the holes inside them, so a sparse snapshot of a huge
-guest costs the bitmap and a few lseeks. On a filesystem without hole reporting (or a
+Counting reads only the clear slots that hold data: ``SEEK_DATA``/``SEEK_HOLE`` give the
+parts of the page region that are not holes, the bitmap says which of their slots are
+clear, and only those are read; a sparse snapshot of a huge guest costs the bitmap and a
+few lseeks. On a filesystem without hole reporting (or a
 copy made without holes) every clear slot is read.
 """
 
@@ -20,9 +21,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ..formats import bitmap as bm
 from .blocks import MappedRamBlock, RamBlock
 from .channels import pwrite_all
-from .copy_plan import GAP, copy_plan
 from .output import output_file
 from .source import read_exact
 
@@ -51,25 +52,36 @@ def stale_pages(block: MappedRamBlock, size: int) -> Iterator[tuple[int, np.ndar
     """(first page, pages x page_size uint8 array) of clear slots that hold data, in page
     order and pieces of at most 8 MiB; all-zero pages may be among them (the caller tests).
     ``size``: the file's size (slots past it hold nothing)."""
-    page = block.page_size
-    base = block.pages_offset
-    fd = block.fd
+    page, base, fd = block.page_size, block.pages_offset, block.fd
+    ranges = _data_ranges(fd, base, min(base + block.num_pages * page, size))
+    current = next(ranges, None)
     done = 0  # pages before this are yielded (a page larger than a filesystem block may hold two data ranges)
-    for steps in copy_plan(block.extent_arrays(), page, 0, block.used_length):
-        for dest, length, file_offset in steps:
-            if file_offset != GAP:
-                continue
-            start, end = base + dest, min(base + dest + length, size)
-            for lo, hi in _data_ranges(fd, start, end):
-                first = max((lo - base) // page, done)  # whole pages around the data
-                stop = min(-(-(hi - base) // page), (dest + length) // page)
-                for at in range(first, stop, READ_CHUNK // page):
-                    count = min(READ_CHUNK // page, stop - at)
-                    buf = np.zeros(count * page, dtype=np.uint8)
-                    have = min(count * page, size - (base + at * page))  # the last slot may be cut by the end
-                    read_exact(fd, memoryview(buf)[:have], base + at * page, f"the clear slots of {block.name}")
-                    yield at, buf.reshape(count, page)
-                done = max(done, stop)
+    for first, present in block.present_chunks():
+        chunk_end = base + (first + len(present)) * page
+        while current is not None and current[0] < chunk_end:
+            lo = max((current[0] - base) // page, first, done)
+            hi = min(-(-(current[1] - base) // page), first + len(present))
+            if lo < hi:
+                starts, counts = bm.runs(~present[lo - first : hi - first], lo)
+                for run_first, run_count in zip(starts.tolist(), counts.tolist()):
+                    yield from _read_slots(block, size, run_first, run_count)
+                done = hi
+            if current[1] > chunk_end:
+                break  # the range goes on in the next chunk
+            current = next(ranges, None)
+
+
+def _read_slots(block: MappedRamBlock, size: int, first: int, count: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Slots ``first`` to ``first + count`` in pieces; a slot cut by the file's end reads
+    as zeros past it."""
+    page = block.page_size
+    step = max(READ_CHUNK // page, 1)
+    for at in range(first, first + count, step):
+        n = min(step, first + count - at)
+        offset = block.pages_offset + at * page
+        buf = np.zeros(n * page, dtype=np.uint8)
+        read_exact(block.fd, memoryview(buf)[: min(n * page, size - offset)], offset, f"the clear slots of {block.name}")
+        yield at, buf.reshape(n, page)
 
 
 def _nonzero(pages: np.ndarray) -> np.ndarray:
