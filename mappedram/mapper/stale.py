@@ -80,7 +80,8 @@ def _read_slots(block: MappedRamBlock, size: int, first: int, count: int) -> Ite
         n = min(step, first + count - at)
         offset = block.pages_offset + at * page
         buf = np.zeros(n * page, dtype=np.uint8)
-        read_exact(block.fd, memoryview(buf)[: min(n * page, size - offset)], offset, f"the clear slots of {block.name}")
+        have = min(n * page, size - offset)
+        read_exact(block.fd, memoryview(buf)[:have], offset, f"the clear slots of {block.name}")
         yield at, buf.reshape(n, page)
 
 
