@@ -259,6 +259,7 @@ def test_snapshot_mode_and_describe_keys(name):
     block_keys = ["name", "used_length", "page_size", "pages_total", "pages_present", "entry_offset", "addr", "in_file"]
     if mapped:
         block_keys += ["header_offset", "mapped_ram_version", "bitmap_offset", "bitmap_size", "pages_offset"]
+    block_keys.append("stale_slots")  # null unless counted (describe(stale=True), dump --stale)
     assert all(list(b) == block_keys for b in info["blocks"])
 
 
