@@ -68,6 +68,7 @@ examples:
   mappedram dump --json vm.sav | jq '.blocks[] | {name, pages_present}'
   mappedram verify --hash vm.sav
   mappedram extract vm.sav --block pc.ram -o pc.ram.raw
+  mappedram extract vm.sav --all -o vm.d
   mappedram convert legacy.sav vm.sav --to mapped-ram"""
 )
 SUB_EPILOG = f"{EXIT_CODES}\n\n{SIZES}"
@@ -193,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument(
         "--stale",
         action="store_true",
-        help="with --block: write the stale slots' bytes (clear bit, non-zero slot), not the block's RAM",
+        help="with --block: write the bytes left in the slots of clear pages (old guest memory from a live "
+        "save), NOT the guest's RAM at save time",
     )
     ext.add_argument(
         "--progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)"

@@ -57,6 +57,8 @@ def stale_pages(block: MappedRamBlock, size: int) -> Iterator[tuple[int, np.ndar
     current = next(ranges, None)
     done = 0  # pages before this are yielded (a page larger than a filesystem block may hold two data ranges)
     for first, present in block.present_chunks():
+        if current is None:
+            return  # holes to the end of the region: no more of the bitmap is needed
         chunk_end = base + (first + len(present)) * page
         while current is not None and current[0] < chunk_end:
             lo = max((current[0] - base) // page, first, done)
