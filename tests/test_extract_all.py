@@ -208,3 +208,15 @@ def test_usage(tmp_path, paused_mr, capsys, args, message):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_nul_in_a_name_from_the_file(tmp_path, capsys):
+    """QEMU ends a name at a NUL, but the file may hold one: it becomes "_" like any control."""
+    from craft import block_info, patch
+
+    path = write_snapshot(tmp_path / "nul.sav", {"abXcd": pattern_block(2)})
+    patch(path, block_info(path, "abXcd")["entry_offset"] + 3, b"\0")
+    out = tmp_path / "all"
+    assert main(["extract", str(path), "--all", "-o", str(out)]) == 0
+    assert "ab\\x00cd: " in capsys.readouterr().out
+    assert assert_blocks_equal(path, out)["blocks"]["ab\0cd"]["path"] == "ab_cd.raw"
