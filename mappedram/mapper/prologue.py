@@ -158,12 +158,12 @@ def _data_area(cursor: Cursor, header: LibvirtHeader) -> tuple[LibvirtHeader, li
     has_cookie = 0 < header.cookie_offset <= header.data_len
     xml_len = header.cookie_offset if has_cookie else header.data_len
     xml, xml_cut = _nul_string(cursor, data, xml_len, "the libvirt domain XML")
-    cookie, cookie_cut = None, False
+    cookie: str | None = None
+    cookie_cut = False
     if has_cookie:
-        text, cookie_cut = _nul_string(
+        cookie, cookie_cut = _nul_string(
             cursor, data + header.cookie_offset, header.data_len - header.cookie_offset, "the libvirt cookie"
         )
-        cookie = text
     problems = []
     if xml_cut or cookie_cut:
         problems.append(
