@@ -11,6 +11,7 @@ from .mapper.restore import extract, restore, restore_into
 from .mapper.snapshot import Snapshot, open
 from .mapper.verify import Report, verify
 from .mapper.writer import DeviceState, SnapshotWriter
+from .visual.diff import DiffResult, diff
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "LITTLE_ENDIAN_64",
     "BitmapLayout",
     "DeviceState",
+    "DiffResult",
     "FormatError",
     "MappedRamBlock",
     "Mode",
@@ -29,6 +31,7 @@ __all__ = [
     "SnapshotWriter",
     "StreamRamBlock",
     "convert",
+    "diff",
     "export_elf",
     "extract",
     "extract_all",

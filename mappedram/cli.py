@@ -22,7 +22,6 @@ from typing import Any, NoReturn, Sequence
 
 from . import __version__, cli_args
 from .errors import FormatError
-from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
 from .formats.policy import policy_for
 from .formats.structs import VmDescriptionHead
 from .mapper.blocks import MappedRamBlock, not_in_file
@@ -37,6 +36,7 @@ from .mapper.stale import extract_stale
 from .mapper.verify import verify
 from .progress import ProgressBar, end_line, human
 from .textsafe import printable
+from .visual import commands as visual
 
 EXIT_OK, EXIT_INVALID, EXIT_UNREADABLE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
 
@@ -255,17 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     elf.add_argument(
         "--progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)"
     )
+    visual.register(sub)
     for command in sub.choices.values():  # the raw formatter keeps the epilog's table; wrap the prose here
         command.description = textwrap.fill(command.description or "", 80)
     return parser
-
-
-def _open_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "offset": args.offset,
-        "page_size": args.page_size,
-        "bitmap_layout": BIG_ENDIAN_64 if args.bitmap_order == "big" else LITTLE_ENDIAN_64,
-    }
 
 
 def _out(line: str = "") -> None:
@@ -300,7 +293,7 @@ def _check_page_size(args: argparse.Namespace) -> None:
     if args.page_size is None:
         return
     try:
-        snap = Snapshot(args.file, **_open_args(args))
+        snap = Snapshot(args.file, **cli_args.open_args(args))
     except FormatError:
         return  # the command reports the malformed file itself
     with snap:
@@ -390,12 +383,12 @@ def _json_out(value: Any) -> None:
 
 def _cmd_dump(args: argparse.Namespace) -> int:
     if args.state or args.desc:
-        with Snapshot(args.file, **_open_args(args)) as snap:
+        with Snapshot(args.file, **cli_args.open_args(args)) as snap:
             print_device_states(snap, sys.stdout, desc=args.desc, as_json=args.json)
         return EXIT_OK
     if args.libvirt_xml:
         return _dump_libvirt_xml(args)
-    with Snapshot(args.file, **_open_args(args)) as snap:
+    with Snapshot(args.file, **cli_args.open_args(args)) as snap:
         info = _dump_info(snap, sections=not args.no_sections, stale=args.stale)
     if args.json:
         _json_out(info)
@@ -407,7 +400,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
 
 
 def _dump_libvirt_xml(args: argparse.Namespace) -> int:
-    with Snapshot(args.file, **_open_args(args)) as snap:
+    with Snapshot(args.file, **cli_args.open_args(args)) as snap:
         libvirt, problems = snap.libvirt, list(snap.problems)
     if libvirt is None:
         raise UsageError(f"{args.file}: no libvirt save header (LibvirtQemudSave), so no domain XML")
@@ -424,7 +417,7 @@ def _dump_libvirt_xml(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     bar = ProgressBar("hashing", args.progress) if args.hash else None
-    report = verify(args.file, hash_blocks=args.hash, progress=bar, **_open_args(args))
+    report = verify(args.file, hash_blocks=args.hash, progress=bar, **cli_args.open_args(args))
     if bar:
         bar.close()
     if args.json:
@@ -442,7 +435,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     if args.all:
         return _extract_all(args)
-    with Snapshot(args.file, **_open_args(args)) as snap:
+    with Snapshot(args.file, **cli_args.open_args(args)) as snap:
         if args.block not in snap.blocks:
             raise UsageError(f"no RAM block {args.block!r} in {args.file}; blocks: {', '.join(snap.blocks)}")
         if not snap.block(args.block).in_file:  # the file is valid; what was asked is not in it
@@ -469,7 +462,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _extract_all(args: argparse.Namespace) -> int:
     if args.stale:
         raise UsageError("--stale takes one --block, not --all")
-    with Snapshot(args.file, **_open_args(args)) as snap:
+    with Snapshot(args.file, **cli_args.open_args(args)) as snap:
         bar = ProgressBar("extract all blocks", args.progress)
         summary = extract_all(snap, args.output, overwrite=args.force, progress=bar)
         bar.close()
@@ -485,7 +478,13 @@ def _extract_all(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     bar = ProgressBar(f"convert to {args.to}", args.progress)
     convert(
-        args.file, args.output, args.to, channels=args.channels, overwrite=args.force, progress=bar, **_open_args(args)
+        args.file,
+        args.output,
+        args.to,
+        channels=args.channels,
+        overwrite=args.force,
+        progress=bar,
+        **cli_args.open_args(args),
     )
     bar.close()
     _out(f"{args.output}: written as {args.to}")
@@ -496,7 +495,7 @@ def _cmd_export_elf(args: argparse.Namespace) -> int:
     extra = dict(args.map)
     if len(extra) < len(args.map):
         raise UsageError("--map names a block twice")
-    with Snapshot(args.file, **_open_args(args)) as snap:
+    with Snapshot(args.file, **cli_args.open_args(args)) as snap:
         try:
             view = PhysicalView(snap, below_4g_size=args.below_4g, extra=extra)
         except (KeyError, ValueError) as err:
@@ -524,6 +523,7 @@ COMMANDS = {
     "verify": _cmd_verify,
     "extract": _cmd_extract,
     "convert": _cmd_convert,
+    **visual.COMMANDS,
 }
 
 

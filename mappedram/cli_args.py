@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import Any
 
+from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
 from .formats.layout import MAX_PAGE_SIZE, MIN_PAGE_SIZE, valid_page_size
 from .mapper.channels import MAX_CHANNELS, check_count
 
@@ -87,3 +89,12 @@ def block_at(text: str) -> tuple[str, int]:
     if addr % X86_PAGE:
         raise argparse.ArgumentTypeError(f"expected ADDR to be a multiple of {X86_PAGE} (the x86 page), found {text!r}")
     return name, addr
+
+
+def open_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of ``mappedram.open`` that the common options give."""
+    return {
+        "offset": getattr(args, "offset", None),
+        "page_size": args.page_size,
+        "bitmap_layout": BIG_ENDIAN_64 if args.bitmap_order == "big" else LITTLE_ENDIAN_64,
+    }

@@ -66,7 +66,8 @@ def test_manifest_structure_matches_committed(regenerated):
     assert [b["sha256"] for b in new["blocks"] if b["name"] != main] == [
         b["sha256"] for b in old["blocks"] if b["name"] != main
     ]
-    assert new["file_apparent_bytes"] == old["file_apparent_bytes"]
+    # Not the file's size: device state carries optional subsections that QEMU sends only when
+    # needed (timer and RTC state differ from boot to boot on a busy machine).
 
 
 def test_stamped_pages_match_committed(regenerated):

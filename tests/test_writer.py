@@ -17,8 +17,15 @@ from mappedram.formats.policy import POLICIES, Event, Mode
 from mappedram.mapper.writer import SnapshotWriter
 
 
-def _workload(buffers: dict[str, np.ndarray], stop: threading.Event, writer: SnapshotWriter | None, seed: int) -> None:
-    """Keep changing random pages (sometimes zeroing them) until told to stop."""
+def _workload(
+    buffers: dict[str, np.ndarray],
+    stop: threading.Event,
+    writer: SnapshotWriter | None,
+    seed: int,
+    ticked: threading.Event | None = None,
+) -> None:
+    """Keep changing random pages (sometimes zeroing them) until told to stop; ``ticked``
+    is set after each batch of changes."""
     rng = np.random.default_rng(seed)
     names = list(buffers)
     while not stop.is_set():
@@ -31,6 +38,8 @@ def _workload(buffers: dict[str, np.ndarray], stop: threading.Event, writer: Sna
                 pages[page, rng.integers(0, PAGE, 8)] = rng.integers(1, 256, 8, dtype=np.uint8)
             if writer is not None:
                 writer.mark_dirty(name, page)
+        if ticked is not None:
+            ticked.set()
         time.sleep(0)
 
 
@@ -39,14 +48,18 @@ def _workload(buffers: dict[str, np.ndarray], stop: threading.Event, writer: Sna
 def test_live_save_matches_final_state(tmp_path, channels, tracking):
     buffers = {"pc.ram": pattern_block(2048, zero=tuple(range(100, 300))), "vga": pattern_block(64, seed=5)}
     path = tmp_path / "live.sav"
-    stop = threading.Event()
+    stop, ticked = threading.Event(), threading.Event()
     with SnapshotWriter(path, buffers, channels=channels, dirty_tracking=tracking, fsync=False) as writer:
         worker = threading.Thread(
-            target=_workload, args=(buffers, stop, writer if tracking == "manual" else None, channels)
+            target=_workload, args=(buffers, stop, writer if tracking == "manual" else None, channels, ticked)
         )
         worker.start()
         try:
-            written = [writer.save_round().pages_written for _ in range(8)]
+            written = []
+            for _ in range(8):  # each round after the workload changed something, however busy the machine
+                assert ticked.wait(60), "the workload thread made no change in 60 s"
+                ticked.clear()
+                written.append(writer.save_round().pages_written)
         finally:
             stop.set()
             worker.join()
