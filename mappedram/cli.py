@@ -22,7 +22,7 @@ from typing import Any, NoReturn, Sequence
 
 from . import __version__, cli_args
 from .errors import FormatError
-from .formats.policy import policy_for
+from .formats.policy import Mode, policy_for
 from .formats.structs import VmDescriptionHead
 from .mapper.blocks import MappedRamBlock, not_in_file
 from .mapper.channels import MAX_CHANNELS
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "output appears only when complete.",
     )
     conv.add_argument("output", metavar="OUT", help="the file to write")
-    conv.add_argument("--to", required=True, choices=("mapped-ram", "stream"), help="the layout of OUT")
+    conv.add_argument("--to", required=True, choices=[m.value for m in Mode], help="the layout of OUT")
     conv.add_argument(
         "--channels",
         type=cli_args.channels,

@@ -25,9 +25,9 @@ from typing import Any, Callable, Literal, Mapping
 import numpy as np
 
 from ..formats.bitmap import LITTLE_ENDIAN_64, BitmapLayout
-from ..formats.constants import CAP_MAPPED_RAM, MAPPED_RAM_ALIGNMENT, QEVM_MAGIC
+from ..formats.constants import MAPPED_RAM_ALIGNMENT, QEVM_MAGIC
 from ..formats.layout import MAX_PAGE_SIZE, MIN_PAGE_SIZE, BlockPlace, valid_page_size
-from ..formats.policy import POLICIES, Event, Mode, ModePolicy, Sync
+from ..formats.policy import MODE_CAPABILITIES, POLICIES, Event, Mode, ModePolicy, Sync
 from .channels import check_count, pwrite_all
 from .encoder import DeviceState, StreamComposer
 from .output import OutputFile, reraise_naming
@@ -116,7 +116,9 @@ class SnapshotWriter:
         self.switchover_start = switchover_start
         self.tracking = dirty_tracking
         self.rounds = 0
-        self._composer = StreamComposer(page_size, capabilities=[CAP_MAPPED_RAM], machine=machine_type, devices=devices)
+        self._composer = StreamComposer(
+            page_size, capabilities=[MODE_CAPABILITIES[Mode.MAPPED_RAM]], machine=machine_type, devices=devices
+        )
         self.machine_type = self._composer.machine
         self._digest_pool = ThreadPoolExecutor(max(1, min(channels, os.cpu_count() or 1)), "digest")
         self._blocks = self._wrap_blocks(blocks)
