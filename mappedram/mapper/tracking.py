@@ -1,21 +1,28 @@
 """Dirty-page tracking for the live writer: which pages of a block changed since the last round.
 
 One tracker per block. Each round the writer walks the block a chunk at a time and the
-tracker says, per chunk, which pages to write and which rows hold their bytes. Two
-trackers today, behind the one ``Tracker`` interface (a kernel dirty log, e.g. from
-userfaultfd write-protect or soft-dirty bits, would be a third):
+tracker says, per chunk, which pages to write and which rows hold their bytes. Three
+trackers, behind the one ``Tracker`` interface:
 
 - ``ManualTracking``: the caller marks what it changed (``mark``), like KVM's dirty log.
-- ``DigestTracking``: per-page digests compared round to round, no help from the caller.
+- ``KernelTracking``: the kernel logs the writes (kernel_dirty.py: userfaultfd async
+  write-protection + PAGEMAP_SCAN); a round costs a page-table walk and its dirty pages.
+- ``DigestTracking``: per-page digests compared round to round, no help from the caller
+  or the kernel, but every round reads the whole block.
+
+``make_tracker`` picks one for a ``dirty_tracking`` mode; "auto" is the kernel's where
+the kernel and the buffer allow it, else digests.
 """
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import Executor, Future
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
+
+from .kernel_dirty import OS_PAGE, Unavailable, WriteLog
 
 SCAN_PAGES = 8192  # pages digested, zero-checked and queued at a time (32 MiB of 4 KiB pages)
 
@@ -23,8 +30,14 @@ SCAN_PAGES = 8192  # pages digested, zero-checked and queued at a time (32 MiB o
 Dirty = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
+TrackingMode = Literal["auto", "kernel", "digest", "manual"]
+MODES = ("auto", "kernel", "digest", "manual")
+
+
 class Tracker:
     """Which pages of one block (``pages``: a (num_pages, page_size) view) to write in a round."""
+
+    mode = ""  # the name of the dirty_tracking mode this tracker implements
 
     def __init__(self, pages: np.ndarray) -> None:
         self.pages = pages
@@ -41,9 +54,14 @@ class Tracker:
         are paused, so the pages can be written in place."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Stop tracking (the writer is done); the buffer is plain memory again."""
+
 
 class ManualTracking(Tracker):
     """Pages are dirty when marked; every page is dirty before round 0."""
+
+    mode = "manual"
 
     def __init__(self, pages: np.ndarray) -> None:
         super().__init__(pages)
@@ -71,6 +89,8 @@ class DigestTracking(Tracker):
     the one remembered: a page written live could change during the write and change
     back afterwards; its digest would then match while the file holds the in-between
     bytes. Writing the exact bytes that were digested rules that out."""
+
+    mode = "digest"
 
     def __init__(self, pages: np.ndarray, key: np.ndarray, pool: Executor) -> None:
         super().__init__(pages)
@@ -101,3 +121,88 @@ class DigestTracking(Tracker):
             staged = live[pos]  # a copy of the dirty pages only
             self._digests[start + pos] = self._digest(staged)
             yield pos + start, staged, np.arange(len(pos))
+
+    def changed(self, pages: np.ndarray) -> Dirty:
+        """Of ``pages`` (page numbers, after round 0), those whose digest changed, staged."""
+        assert self._digests is not None
+        staged = self.pages[pages]
+        digests = self._digest(staged)
+        pos = np.flatnonzero(digests != self._digests[pages])
+        self._digests[pages[pos]] = digests[pos]
+        return pages[pos], staged, pos
+
+
+class KernelTracking(Tracker):
+    """A page is dirty when the kernel saw a write to it since the previous round and
+    its digest changed.
+
+    The page-aligned inside of the buffer is registered with the kernel (WriteLog). Each
+    round first collects the written pages and re-arms them; a write after that, even
+    during the page's own copy, is logged for the next round. The written pages are then
+    judged and staged as DigestTracking judges all pages, but only those: the kernel
+    reports OS pages, and a buffer page that does not start on one (malloc puts numpy
+    data 16 bytes into a page) shares its first and last OS page with its neighbours, so
+    a write to one page reports the next one too; the digest drops those, and writes of
+    the bytes a page already held. The buffer's edge pages, which share an OS page with
+    memory outside it, are judged by their digest every round. Round 0 is
+    DigestTracking's round 0 (every page, digests remembered), after arming."""
+
+    mode = "kernel"
+
+    def __init__(self, pages: np.ndarray, key: np.ndarray, pool: Executor) -> None:
+        super().__init__(pages)
+        count, size = pages.shape
+        addr = pages.ctypes.data
+        start = -(-addr // OS_PAGE) * OS_PAGE
+        end = (addr + pages.nbytes) // OS_PAGE * OS_PAGE
+        if end <= start and count:
+            raise Unavailable("it holds no whole page of memory")
+        self._addr = addr
+        first, last = -(-(start - addr) // size), (end - addr) // size  # pages inside [start, end)
+        self._edges = np.r_[0:first, last:count]
+        self._digest = DigestTracking(pages, key, pool)
+        self._armed = False
+        self._log = WriteLog(start, end) if count else None  # an empty block has nothing to track
+
+    def round(self, final: bool) -> Iterator[Dirty]:
+        if self._log is None or (final and not self._armed):  # empty, or a one-shot save
+            yield from self._digest.round(final)
+            return
+        if not self._armed:
+            self._log.protect()  # arm first, then read every page
+            self._armed = True
+            yield from self._digest.round(final)
+            return
+        candidates = np.union1d(self._written_pages(), self._edges)
+        for start in range(0, len(candidates), SCAN_PAGES):
+            yield self._digest.changed(candidates[start : start + SCAN_PAGES])
+
+    def _written_pages(self) -> np.ndarray:
+        """The pages that overlap a written range, in order."""
+        ranges = self._log.collect()  # type: ignore[union-attr]
+        if not len(ranges):
+            return np.zeros(0, dtype=np.int64)
+        size = self.pages.shape[1]
+        offsets = ranges.astype(np.int64) - self._addr
+        first = offsets[:, 0] // size
+        counts = (offsets[:, 1] - 1) // size + 1 - first
+        return np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+
+
+def make_tracker(mode: TrackingMode, pages: np.ndarray, key: np.ndarray, pool: Executor) -> tuple[Tracker, str]:
+    """The tracker for ``mode`` and, where "auto" did not take the kernel's, why (else "").
+    "kernel" raises Unavailable where the kernel or the buffer cannot do it."""
+    if mode == "manual":
+        return ManualTracking(pages), ""
+    if mode in ("auto", "kernel"):
+        try:
+            return KernelTracking(pages, key, pool), ""
+        except Unavailable as err:
+            if mode == "kernel":
+                raise
+            return DigestTracking(pages, key, pool), str(err)
+    return DigestTracking(pages, key, pool), ""
