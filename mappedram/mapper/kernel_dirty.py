@@ -202,10 +202,10 @@ def why_untrackable(start: int, end: int) -> str | None:
             if lo > covered:
                 break
             path = fields[5].strip() if len(fields) > 5 else ""
-            if fields[4] != "0" or path.startswith("/"):
+            if fields[4] != "0" and not path.startswith("/dev/zero "):  # shared anonymous memory shows so
                 return f"its memory is a file-backed mapping ({path or 'inode ' + fields[4]})"
             if fields[1][3] != "p":
-                return "its memory is shared (MAP_SHARED or shared memory): writes through other mappings are not seen"
+                return "its memory is shared (MAP_SHARED): writes through other mappings are not seen"
             covered = hi
     if covered < end:
         return "its memory is not all mapped"
