@@ -130,6 +130,27 @@ def test_exact_pages_of_untouched_memory_views_and_readv(tmp_path):
     assert np.array_equal(_file_pages(tmp_path / "vm.sav"), data)
 
 
+def test_more_written_ranges_than_one_scan_reports():
+    """PAGEMAP_SCAN fills at most its vector of ranges and says where it stopped: the
+    log goes on from there, so no range is lost and every one is armed again."""
+    mem = mmap.mmap(-1, 64 * OS_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = np.frombuffer(mem, dtype=np.uint8).ctypes.data
+    log = kernel_dirty.WriteLog(start, start + len(mem), regions=4)
+    try:
+        log.protect()
+        written = [1, 3, 5, 6, 9, 20, 22, 40, 41, 42, 63]
+        for page in written:
+            mem[page * OS_PAGE + 9] = 1
+        ranges = (log.collect() - start) // OS_PAGE
+        assert ranges.tolist() == [[1, 2], [3, 4], [5, 7], [9, 10], [20, 21], [22, 23], [40, 43], [63, 64]]
+        assert len(log.collect()) == 0  # all armed again
+        mem[22 * OS_PAGE] = 2
+        assert ((log.collect() - start) // OS_PAGE).tolist() == [[22, 23]]
+    finally:
+        log.close()
+    assert _uffd_state(mem) == (False, 0)
+
+
 def test_discarded_pages_read_zero_and_are_caught(tmp_path):
     """madvise(MADV_DONTNEED) on private anonymous memory: the pages read back zero."""
     size = 64 * OS_PAGE

@@ -216,9 +216,10 @@ class WriteLog:
     """The kernel's written-page log of [start, end), page-aligned private anonymous memory.
 
     ``protect()`` arms every page; ``collect()`` returns the byte ranges written since
-    and arms them again. ``close()`` unregisters: the memory is plain memory again."""
+    and arms them again, ``regions`` ranges per PAGEMAP_SCAN call. ``close()``
+    unregisters: the memory is plain memory again."""
 
-    def __init__(self, start: int, end: int) -> None:
+    def __init__(self, start: int, end: int, regions: int = SCAN_REGIONS) -> None:
         if start % OS_PAGE or end % OS_PAGE or end <= start:
             raise ValueError(f"[{start:#x}, {end:#x}) is not a range of whole pages")
         why = why_unavailable() or why_untrackable(start, end)
@@ -241,10 +242,11 @@ class WriteLog:
         except BaseException:
             self.close()
             raise
-        self._vec = np.zeros((SCAN_REGIONS, 3), dtype=np.uint64)
+        self._vec = np.zeros((regions, 3), dtype=np.uint64)
 
     def protect(self) -> None:
-        _ioctl(self._fds[0], UFFDIO_WRITEPROTECT, _WriteProtect(_Range(self.start, self.end - self.start), _WRITEPROTECT_MODE_WP))
+        whole = _Range(self.start, self.end - self.start)
+        _ioctl(self._fds[0], UFFDIO_WRITEPROTECT, _WriteProtect(whole, _WRITEPROTECT_MODE_WP))
 
     def collect(self) -> np.ndarray:
         """The (start, end) byte addresses of the pages written since they were last
