@@ -224,10 +224,11 @@ def test_a_b_a_during_a_round(tmp_path):
 
 
 @pytest.mark.parametrize("page_size", [512, 4096, 16384])
-@pytest.mark.parametrize("offset", [0, 16, 2056])
+@pytest.mark.parametrize("offset", [0, 16, 2056, 4000])
 def test_page_sizes_and_offsets(tmp_path, page_size, offset):
     """A buffer that does not start on an OS page (numpy's malloc'ed arrays start 16
-    bytes in), writer pages smaller and larger than the OS page: each round writes the
+    bytes in; the OS page across a page boundary holding a short end or a short start of
+    a page), writer pages smaller and larger than the OS page: each round writes the
     pages that changed, no fewer and no more; writes to memory just outside the buffer,
     on the OS pages it shares, are not the buffer's."""
     count = 96
@@ -241,9 +242,13 @@ def test_page_sizes_and_offsets(tmp_path, page_size, offset):
         assert writer.tracking_mode == {"ram": "kernel"}
         writer.save_round()
         for _ in range(4):
+            ends, starts = rng.integers(0, count, 3), rng.integers(0, count, 3)
+            pages[ends, -1] ^= 1  # a last byte, a first byte: alone in an OS page they share
+            pages[starts, 0] ^= 1
             touched = np.unique(np.r_[0, count - 1, rng.integers(0, count, 8)])
             for page in touched:
                 pages[page, rng.integers(0, page_size)] ^= 1
+            touched = np.unique(np.r_[touched, ends, starts])
             host[base - 1] += 1  # the neighbours of the buffer's edge pages
             host[base + len(data)] += 1
             assert writer.save_round().pages_written == len(touched)

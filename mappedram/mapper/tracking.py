@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Executor, Future
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 
 from .kernel_dirty import OS_PAGE, Unavailable, WriteLog
 
 SCAN_PAGES = 8192  # pages digested, zero-checked and queued at a time (32 MiB of 4 KiB pages)
+SLIVER_BYTES = 256  # KernelTracking: the most bytes of a page it keeps aside (see there)
 
 # Per chunk: (page numbers, rows holding their bytes, row index of each page in ``rows``).
 Dirty = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -139,12 +140,14 @@ class KernelTracking(Tracker):
     The page-aligned inside of the buffer is registered with the kernel (WriteLog). Each
     round first collects the written pages and re-arms them; a write after that, even
     during the page's own copy, is logged for the next round. The written pages are then
-    judged and staged as DigestTracking judges all pages, but only those: the kernel
+    judged and staged as DigestTracking judges all pages, but only those. The kernel
     reports OS pages, and a buffer page that does not start on one (malloc puts numpy
     data 16 bytes into a page) shares its first and last OS page with its neighbours, so
-    a write to one page reports the next one too; the digest drops those, and writes of
-    the bytes a page already held. The buffer's edge pages, which share an OS page with
-    memory outside it, are judged by their digest every round. Round 0 is
+    a write to one page reports the next one too: the digest drops those (and writes of
+    the bytes a page already held). Where the part of a page in such a shared OS page is
+    small (a sliver of up to SLIVER_BYTES), a copy of each page's sliver as last staged
+    settles it without staging the page. The buffer's edge pages, which share an OS page
+    with memory outside it, are judged by their digest every round. Round 0 is
     DigestTracking's round 0 (every page, digests remembered), after arming."""
 
     mode = "kernel"
@@ -162,6 +165,14 @@ class KernelTracking(Tracker):
         self._edges = np.r_[0:first, last:count]
         self._digest = DigestTracking(pages, key, pool)
         self._armed = False
+        # An OS page across a page boundary holds the last `offset` bytes of the page
+        # before it and the first OS_PAGE - offset of the page after: the smaller is a sliver.
+        offset = addr % OS_PAGE
+        self._tail = offset <= OS_PAGE // 2  # the sliver is a page's end, else its start
+        self._sliver: slice | None = None
+        if count and offset and size % OS_PAGE == 0 and min(offset, OS_PAGE - offset) <= SLIVER_BYTES:
+            self._sliver = slice(size - offset, size) if self._tail else slice(0, OS_PAGE - offset)
+            self._slivers = np.zeros((count, min(offset, OS_PAGE - offset)), dtype=np.uint8)  # as last staged
         self._log = WriteLog(start, end) if count else None  # an empty block has nothing to track
 
     def round(self, final: bool) -> Iterator[Dirty]:
@@ -171,26 +182,43 @@ class KernelTracking(Tracker):
         if not self._armed:
             self._log.protect()  # arm first, then read every page
             self._armed = True
-            yield from self._digest.round(final)
-            return
-        candidates = np.union1d(self._written_pages(), self._edges)
-        for start in range(0, len(candidates), SCAN_PAGES):
-            yield self._digest.changed(candidates[start : start + SCAN_PAGES])
+            dirty: Iterable[Dirty] = self._digest.round(final)
+        else:
+            candidates = self._candidates()
+            dirty = (
+                self._digest.changed(candidates[s : s + SCAN_PAGES]) for s in range(0, len(candidates), SCAN_PAGES)
+            )
+        for pages, rows, pos in dirty:
+            if self._sliver is not None:
+                self._slivers[pages] = rows[pos, self._sliver]
+            yield pages, rows, pos
 
-    def _written_pages(self) -> np.ndarray:
-        """The pages that overlap a written range, in order."""
-        ranges = self._log.collect()  # type: ignore[union-attr]
-        if not len(ranges):
-            return np.zeros(0, dtype=np.int64)
+    def _candidates(self) -> np.ndarray:
+        """The pages that overlap a written OS page, less those that only have their
+        sliver there and whose sliver did not change, and the edge pages; in order."""
+        ranges = self._log.collect().astype(np.int64)  # type: ignore[union-attr]
         size = self.pages.shape[1]
-        offsets = ranges.astype(np.int64) - self._addr
-        first = offsets[:, 0] // size
-        counts = (offsets[:, 1] - 1) // size + 1 - first
-        return np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+        if self._sliver is None:
+            written = _runs((ranges[:, 0] - self._addr) // size, (ranges[:, 1] - 1 - self._addr) // size)
+            return np.unique(np.concatenate([written, self._edges]))
+        # pages are whole OS pages here: an OS page overlaps one page, or two across a boundary
+        offsets = _runs(ranges[:, 0] // OS_PAGE, ranges[:, 1] // OS_PAGE - 1) * OS_PAGE - self._addr
+        first, last = offsets // size, (offsets + OS_PAGE - 1) // size
+        across = first != last
+        owners = np.unique(np.where(across, last, first) if self._tail else first)  # hold its larger part
+        lone = np.setdiff1d(first[across] if self._tail else last[across], owners)  # only a sliver written
+        lone = lone[(self.pages[lone, self._sliver] != self._slivers[lone]).any(axis=1)]
+        return np.unique(np.concatenate([owners, lone, self._edges]))
 
     def close(self) -> None:
         if self._log is not None:
             self._log.close()
+
+
+def _runs(first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """Every number of each run [first[i], last[i]], run after run."""
+    counts = last - first + 1
+    return np.repeat(first - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
 
 
 def make_tracker(mode: TrackingMode, pages: np.ndarray, key: np.ndarray, pool: Executor) -> tuple[Tracker, str]:
