@@ -6,6 +6,7 @@ why; under CI (CI=true) they must run: CI's machines are of this kind, which has
 
 from __future__ import annotations
 
+import gc
 import logging
 import mmap
 import os
@@ -342,6 +343,18 @@ def test_no_tracking_left_behind(tmp_path, end):
     assert _uffd_state(data) == (False, 0)
     data[:] = 3  # and it is ordinary memory
     assert (data == 3).all()
+
+
+def test_a_forgotten_writer_leaves_no_tracking(tmp_path):
+    """A writer dropped without complete() or abort(): once collected, its buffer is
+    plain memory again (the kernel log closes itself)."""
+    data = pattern_block(64)
+    writer = SnapshotWriter(tmp_path / "vm.sav", {"ram": data})
+    writer.save_round()
+    assert _uffd_state(data)[0]
+    del writer
+    gc.collect()
+    assert _uffd_state(data) == (False, 0)
 
 
 def test_explicit_modes_and_bad_mode(tmp_path):

@@ -47,8 +47,8 @@ _PAGE_IS_WRITTEN = 1 << 1
 _PM_SCAN_WP_MATCHING = 1 << 0
 _PM_SCAN_CHECK_WPASYNC = 1 << 1  # fail rather than skip a page that is not async-WP-registered
 
-# userfaultfd(2) where it is not the generic 282 (asm-generic/unistd.h: arm64, riscv, loongarch)
-_SYSCALL = {"x86_64": 323, "i686": 374, "i386": 374, "ppc64le": 364, "ppc64": 364, "s390x": 355, "armv7l": 388}
+# userfaultfd(2)'s number per machine; elsewhere only /dev/userfaultfd is tried
+_SYSCALL = {"x86_64": 323, "aarch64": 282, "riscv64": 282, "loongarch64": 282, "ppc64le": 364, "s390x": 355}
 
 
 def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
@@ -130,11 +130,13 @@ def _open_uffd() -> int:
     """A new userfaultfd: the system call, else /dev/userfaultfd (where the system call is
     refused to this user, the device's permissions may still allow it)."""
     flags = os.O_CLOEXEC | os.O_NONBLOCK | _UFFD_USER_MODE_ONLY
-    nr = _SYSCALL.get(platform.machine(), 282)
-    fd = int(_libc().syscall(ctypes.c_long(nr), ctypes.c_int(flags)))
-    if fd >= 0:
-        return fd
-    first = ctypes.get_errno()
+    nr = _SYSCALL.get(platform.machine())
+    first = errno.ENOSYS
+    if nr is not None:
+        fd = int(_libc().syscall(ctypes.c_long(nr), ctypes.c_int(flags)))
+        if fd >= 0:
+            return fd
+        first = ctypes.get_errno()
     try:
         dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
     except OSError:
