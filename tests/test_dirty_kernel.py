@@ -169,6 +169,27 @@ def test_discarded_pages_read_zero_and_are_caught(tmp_path):
     assert bytes(_file_pages(tmp_path / "vm.sav")) == bytes(mem)
 
 
+def test_direct_io_into_the_buffer_is_caught(tmp_path):
+    """An O_DIRECT read: the device writes the pages, pinned by the kernel beforehand."""
+    source = tmp_path / "disk.img"
+    source.write_bytes(b"\x42" * 8 * OS_PAGE)
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_DIRECT)
+    except OSError as err:
+        pytest.skip(f"no O_DIRECT on {tmp_path}: {err.strerror}")
+    mem = mmap.mmap(-1, 64 * OS_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        with SnapshotWriter(tmp_path / "vm.sav", {"ram": mem}, fsync=False) as writer:
+            assert writer.tracking_mode == {"ram": "kernel"}
+            writer.save_round()
+            assert os.preadv(fd, [memoryview(mem)[10 * OS_PAGE : 13 * OS_PAGE]], 0) == 3 * OS_PAGE
+            assert writer.save_round().pages_written == 3 * OS_PAGE // PAGE
+            writer.complete()
+    finally:
+        os.close(fd)
+    assert bytes(_file_pages(tmp_path / "vm.sav")) == bytes(mem)
+
+
 def test_a_page_written_during_its_own_copy_is_saved_next_round(tmp_path):
     """The round collects and re-arms the written pages BEFORE copying them: a write that
     lands while the page is being copied and written out is logged for the next round.
