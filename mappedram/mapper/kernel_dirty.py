@@ -156,8 +156,8 @@ def _handshake(fd: int) -> None:
     try:
         _ioctl(fd, UFFDIO_API, _Api(_UFFD_API, wanted, 0))
         return
-    except OSError:
-        pass
+    except OSError as err:
+        failed = err
     probe = _open_uffd()  # the failed handshake spent fd's one try: ask a fresh one what it has
     try:
         api = _Api(_UFFD_API, 0, 0)
@@ -165,6 +165,8 @@ def _handshake(fd: int) -> None:
     finally:
         os.close(probe)
     missing = [name for name, bit in _FEATURES.items() if not api.features & bit]
+    if not missing:
+        raise Unavailable(f"the userfaultfd handshake (UFFDIO_API) fails: {failed.strerror}")
     raise Unavailable(f"this kernel ({platform.release()}) lacks {' and '.join(missing)} (Linux 6.7 or later has them)")
 
 
@@ -199,7 +201,9 @@ def why_untrackable(start: int, end: int) -> str | None:
         for line in maps:
             fields = line.split(maxsplit=5)
             lo, hi = (int(v, 16) for v in fields[0].split("-"))
-            if hi <= start or lo >= end:
+            if lo >= end:
+                break
+            if hi <= start:
                 continue
             if lo > covered:
                 break
