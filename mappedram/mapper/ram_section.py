@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from abc import ABC, abstractmethod
 from array import array
-from typing import Any, Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -26,9 +26,41 @@ from .elements import Problem
 from .source import Cursor, Source
 
 _WORD = S.RamWord.sizeof()
+# RAM blocks read at most. QEMU machines have dozens; each block mapped into a KVM guest
+# takes a memory slot, and KVM has at most 32764 (KVM_USER_MEM_SLOTS on x86). A block
+# costs this process about 1 KiB, a block entry in the file 40 bytes.
+MAX_BLOCKS = 1 << 15
+# A block entry (structs.RamBlockEntry) read with struct: u8 idlen, idstr, be64
+# used_length, [be64 addr], [MappedRamHeader]; construct costs ~50 us an entry.
+_U64 = struct.Struct(">Q")
+_MAPPED_RAM_HEADER = struct.Struct(">IQQQ")  # version, page_size, bitmap_offset, pages_offset
+assert _MAPPED_RAM_HEADER.size == S.MAPPED_RAM_HEADER_SIZE
 _RECORD_HEAD = _WORD + 1 + 255 + 1  # a word, a block name, a zero page's fill byte
 _PAGE_OR_ZERO = RamFlag.PAGE | RamFlag.ZERO
 _KNOWN_FLAGS = int(sum(RamFlag))
+
+
+class MappedRamHeader(NamedTuple):
+    version: int
+    page_size: int
+    bitmap_offset: int
+    pages_offset: int
+
+
+class BlockEntry(NamedTuple):
+    """One entry of the block list, as structs.RamBlockEntry parses it."""
+
+    idstr: str
+    used_length: int
+    addr: int | None
+    mapped_ram: MappedRamHeader | None
+
+
+def _take(cursor: Cursor, start: int, length: int, what: str) -> bytes:
+    """The next ``length`` bytes of an entry that began at ``start``."""
+    if cursor.pos + length > cursor.size:
+        raise FormatError(start, what, f"the end of the file at {cursor.size:#x}")
+    return cursor.read(length, what)
 
 
 class PageIndex:
@@ -90,12 +122,13 @@ class RamSectionReader(ABC):
         remaining = self.total
         while remaining > 0:
             entry_offset = cursor.pos
-            entry = cursor.parse(
-                S.RamBlockEntry,
-                f"RAM block entry {len(self.blocks)} (u8 idlen, idstr, be64 used_length)",
-                mapped_ram=self.policy.block_has_mapped_ram_header,
-                ignore_shared=self.ignore_shared,
-            )
+            if len(self.blocks) == MAX_BLOCKS:
+                raise FormatError(
+                    entry_offset,
+                    f"at most {MAX_BLOCKS} RAM blocks (the block list so far does not add up to MEM_SIZE)",
+                    "more",
+                )
+            entry = self._entry(cursor)
             if entry.idstr in self.blocks:
                 raise FormatError(entry_offset, "a RAM block name not seen before", repr(entry.idstr))
             block = self._block(entry, entry_offset, cursor)
@@ -111,12 +144,28 @@ class RamSectionReader(ABC):
             remaining -= entry.used_length  # verify reports a sum past MEM_SIZE
         self.payload(cursor)
 
+    def _entry(self, cursor: Cursor) -> BlockEntry:
+        start = cursor.pos
+        what = f"RAM block entry {len(self.blocks)} (u8 idlen, idstr, be64 used_length)"
+        length = _take(cursor, start, 1, what)[0]
+        raw = _take(cursor, start, length + _WORD, what)
+        try:
+            name = raw[:length].decode()
+        except UnicodeDecodeError as err:
+            raise FormatError(start, what, f"{err} in field idstr") from None
+        (used_length,) = _U64.unpack_from(raw, length)
+        addr = _U64.unpack(_take(cursor, start, _WORD, what))[0] if self.ignore_shared else None
+        header = None
+        if self.policy.block_has_mapped_ram_header:
+            header = MappedRamHeader(*_MAPPED_RAM_HEADER.unpack(_take(cursor, start, _MAPPED_RAM_HEADER.size, what)))
+        return BlockEntry(name, used_length, addr, header)
+
     @abstractmethod
     def payload(self, cursor: Cursor) -> None:
         """A PART/END payload, or the START payload after the block list: words until EOS."""
 
     @abstractmethod
-    def _block(self, entry: Any, entry_offset: int, cursor: Cursor) -> RamBlock:
+    def _block(self, entry: BlockEntry, entry_offset: int, cursor: Cursor) -> RamBlock:
         """The block of a parsed entry; leaves the cursor where the stream resumes."""
 
     def _verdict(self, flags: int) -> str | None:
@@ -151,8 +200,9 @@ class MappedRamSectionReader(RamSectionReader):
         self.page_size_settled = page_size_settled
         self.bitmap_layout = bitmap_layout
 
-    def _block(self, entry: Any, entry_offset: int, cursor: Cursor) -> RamBlock:
+    def _block(self, entry: BlockEntry, entry_offset: int, cursor: Cursor) -> RamBlock:
         hdr = entry.mapped_ram
+        assert hdr is not None
         header_offset = cursor.pos - HEADER_SIZE
         name = entry.idstr
         if hdr.version > MAPPED_RAM_VERSION or hdr.version == 0:
@@ -211,7 +261,7 @@ class StreamRamSectionReader(RamSectionReader):
         self.index = index
         self._current: str | None = None  # the block a CONTINUE record refers to
 
-    def _block(self, entry: Any, entry_offset: int, cursor: Cursor) -> RamBlock:
+    def _block(self, entry: BlockEntry, entry_offset: int, cursor: Cursor) -> RamBlock:
         return StreamRamBlock(
             self.src, entry.idstr, entry.used_length, self.page_size, entry_offset, entry.addr, self.index
         )
