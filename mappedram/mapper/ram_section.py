@@ -26,10 +26,11 @@ from .elements import Problem
 from .source import Cursor, Source
 
 _WORD = S.RamWord.sizeof()
-# RAM blocks read at most. QEMU machines have dozens; each block mapped into a KVM guest
-# takes a memory slot, and KVM has at most 32764 (KVM_USER_MEM_SLOTS on x86). A block
-# costs this process about 1 KiB, a block entry in the file 40 bytes.
-MAX_BLOCKS = 1 << 15
+# RAM blocks read at most. QEMU machines have dozens (RAM, ROMs, video RAM); memory
+# hotplug adds at most 256 DIMM slots (ACPI) and one block per virtio-mem device. A block
+# costs this process about 2 KiB, its entry in the file 40 bytes: the cap keeps a file of
+# empty blocks within twice its size plus 32 MiB.
+MAX_BLOCKS = 1 << 13
 # A block entry (structs.RamBlockEntry) read with struct: u8 idlen, idstr, be64
 # used_length, [be64 addr], [MappedRamHeader]; construct costs ~50 us an entry.
 _U64 = struct.Struct(">Q")

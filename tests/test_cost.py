@@ -1,0 +1,182 @@
+"""Bounded cost: files made of many small elements (blocks, commands, sections, records),
+built with the schemas, are opened, dumped and verified in a child process under
+tracemalloc. Each must end in success or FormatError, with peak memory at most twice
+the file's size plus 32 MiB (the fuzz harness's bound). Timeouts only catch hangs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mappedram.formats import structs as S
+from mappedram.formats.bitmap import LITTLE_ENDIAN_64
+from mappedram.formats.constants import CAP_MAPPED_RAM, RamFlag, SectionType, VmCommand
+from mappedram.formats.layout import HEADER_SIZE, BlockPlace
+from mappedram.mapper.encoder import StreamComposer
+from mappedram.mapper.ram_section import MAX_BLOCKS
+from mappedram.mapper.walker import MAX_PROBLEMS
+
+PAGE = 4096
+HANG = 600  # seconds: generous, only a hang fails
+
+# open and verify, then dump, in one process: the peak of Python allocations of the
+# first two is bounded. dump's own peak is reported, not bounded: it still makes a dict
+# per section (snapshot.describe, the CLI), which a stream of millions of commands feels.
+_CHILD = """
+import contextlib, io, json, sys, tracemalloc
+import mappedram
+from mappedram.cli import main
+path, dump = sys.argv[1], sys.argv[2] == "dump"
+tracemalloc.start()
+out = {}
+try:
+    with mappedram.open(path) as snap:
+        out["blocks"] = len(snap.blocks)
+        out["sections"] = len(snap.sections)
+    report = mappedram.verify(path)
+    out["valid"] = report.ok
+    out["problems"] = [[p.offset, p.text] for p in report.problems]
+except mappedram.FormatError as err:
+    out["error"] = [err.offset, str(err)]
+out["peak"] = tracemalloc.get_traced_memory()[1]
+if dump:
+    tracemalloc.reset_peak()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        out["dump"] = main(["dump", path])
+    out["dump_peak"] = tracemalloc.get_traced_memory()[1]
+print(json.dumps(out))
+"""
+
+
+def run_bounded(path: Path, dump: bool = True) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path), "dump" if dump else "-"], capture_output=True, text=True, timeout=HANG
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    bound = 2 * path.stat().st_size + (32 << 20)
+    assert out["peak"] <= bound, f"peak {out['peak']} bytes over the bound {bound}"
+    return out
+
+
+def _stream(path: Path, middle, mapped: bool = True) -> Path:
+    """A valid stream with one 1-page block; ``middle(composer)`` goes between the RAM
+    START section and the tail (SWITCHOVER_START, RAM END, EOF, VM description)."""
+    comp = StreamComposer(PAGE, capabilities=[CAP_MAPPED_RAM] if mapped else [])
+    head = comp.head()
+    pieces, _, end = comp.ram_start(len(head), [("pc.ram", PAGE)], LITTLE_ENDIAN_64 if mapped else None)
+    out = bytearray(end)
+    out[: len(head)] = head
+    for offset, data in pieces:
+        out[offset : offset + len(data)] = data
+    path.write_bytes(bytes(out) + middle(comp) + comp.tail())
+    return path
+
+
+def _command(cmd: int, data: bytes = b"") -> bytes:
+    return bytes([SectionType.COMMAND]) + S.CommandBody.build({"cmd": cmd, "data": data})
+
+
+def empty_blocks(path: Path, count: int) -> Path:
+    """``count`` blocks of used_length 0 (each 40-odd bytes: entry, header, a gap byte),
+    then the block that holds MEM_SIZE's one page."""
+    comp = StreamComposer(PAGE, capabilities=[CAP_MAPPED_RAM])
+    enc = comp.encoder
+    out = bytearray(comp.head() + enc.ram_start(comp.ram_id) + enc.ram_word(PAGE, RamFlag.MEM_SIZE))
+    for i in range(count + 1):
+        name, length = (f"b{i}", 0) if i < count else ("pc.ram", PAGE)
+        header = len(out) + 1 + len(name) + 8
+        bitmap = header + HEADER_SIZE
+        pages = bitmap + 1 if not length else -(-(bitmap + 8) // PAGE) * PAGE
+        out += enc.block_entry(name, length, BlockPlace(name, length, PAGE, len(out), header, bitmap, 8, pages))
+        out += bytes(pages + length - len(out))
+    path.write_bytes(bytes(out) + comp.section_end() + comp.tail())
+    return path
+
+
+def test_many_commands(tmp_path):
+    count = 150_000  # 0.75 MB of SWITCHOVER_START: one Section object each cost 39 MiB
+    out = run_bounded(_stream(tmp_path / "cmds.bin", lambda c: _command(VmCommand.SWITCHOVER_START) * count), False)
+    assert out["valid"]
+    assert out["sections"] == count + 4  # RAM START, the commands, the tail's command, RAM END, EOF
+
+
+def test_problems_are_capped(tmp_path):
+    count = 5_000
+    out = run_bounded(_stream(tmp_path / "bad.bin", lambda c: _command(0x1234) * count))
+    problems = out["problems"]
+    assert not out["valid"] and len(problems) == MAX_PROBLEMS + 1
+    assert "found cmd 0x1234" in problems[0][1]
+    first_unlisted = problems[-2][0] + 5  # the commands are 5 bytes apart
+    assert problems[-1] == [first_unlisted, f"expected at most {MAX_PROBLEMS} problems, "
+                            f"found {count - MAX_PROBLEMS} more from here on (not listed)"]
+
+
+def test_many_part_sections(tmp_path):
+    count = 15_000  # mapped-ram PART sections: EOS only, 18 bytes each
+    out = run_bounded(_stream(tmp_path / "parts.bin", lambda c: c.round_end() * count))
+    assert out["valid"] and out["sections"] == count + 4
+
+
+def test_many_device_sections(tmp_path):
+    """FULL sections the VM description does not list, delimited by their footers."""
+    count = 10_000
+
+    def devices(comp):
+        enc = comp.encoder
+        return b"".join(
+            enc.section_full(SectionType.SECTION_FULL, 10 + i, f"dev{i}", 0, 1) + enc.footer(10 + i)
+            for i in range(count)
+        )
+
+    out = run_bounded(_stream(tmp_path / "devs.bin", devices))
+    assert out["dump"] == 0 and out["sections"] == count + 4
+
+
+def test_many_zero_records(tmp_path):
+    count = 100_000  # CONTINUE|ZERO records of 9 bytes, in a classic stream
+
+    def records(comp):
+        return comp.part_start() + comp.page_record("pc.ram", 0, None) + comp.page_record(None, 0, None) * (
+            count - 1
+        ) + comp.section_end()
+
+    out = run_bounded(_stream(tmp_path / "zeros.bin", records, mapped=False))
+    assert out["valid"] and out["dump"] == 0
+
+
+def test_many_blocks_under_the_cap(tmp_path):
+    out = run_bounded(empty_blocks(tmp_path / "blocks.bin", MAX_BLOCKS - 1))
+    assert out["blocks"] == MAX_BLOCKS and out["dump"] == 0
+
+
+def test_blocks_past_the_cap(tmp_path):
+    path = empty_blocks(tmp_path / "too-many.bin", MAX_BLOCKS + 10)
+    out = run_bounded(path, False)
+    offset, text = out["error"]
+    entry = len(StreamComposer(PAGE, capabilities=[CAP_MAPPED_RAM]).head()) + 1 + 4 + 1 + 3 + 8 + 8
+    per_block = [1 + len(f"b{i}") + 8 + HEADER_SIZE + 1 for i in range(MAX_BLOCKS)]
+    assert offset == entry + sum(per_block)  # the first entry past the cap
+    assert f"at most {MAX_BLOCKS} RAM blocks" in text
+
+
+@pytest.mark.parametrize("bad", ["truncated", "not-utf8"])
+def test_block_entry_errors_name_the_entry(tmp_path, bad):
+    """The struct reading of block entries keeps construct's messages: offset of the entry,
+    what was expected, what was found."""
+    path = empty_blocks(tmp_path / "b.bin", 3)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\x02b1")  # the second entry
+    if bad == "truncated":
+        data = data[: at + 5]
+    else:
+        data[at + 1] = 0xFF
+    path.write_bytes(bytes(data))
+    out = run_bounded(path)
+    offset, text = out["error"]
+    assert offset == at and "RAM block entry 1 (u8 idlen, idstr, be64 used_length)" in text
+    assert ("the end of the file at" in text) if bad == "truncated" else ("can't decode byte 0xff" in text)
