@@ -5,13 +5,17 @@ the file's size plus 32 MiB (the fuzz harness's bound). Timeouts only catch hang
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import mappedram
+from mappedram.cli import main
 from mappedram.formats import structs as S
 from mappedram.formats.bitmap import LITTLE_ENDIAN_64
 from mappedram.formats.constants import CAP_MAPPED_RAM, RamFlag, SectionType, VmCommand
@@ -180,3 +184,90 @@ def test_block_entry_errors_name_the_entry(tmp_path, bad):
     offset, text = out["error"]
     assert offset == at and "RAM block entry 1 (u8 idlen, idstr, be64 used_length)" in text
     assert ("the end of the file at" in text) if bad == "truncated" else ("can't decode byte 0xff" in text)
+
+
+# -- verify --hash: the work follows the file -------------------------------------------------
+def claimed_stream(path: Path, claim: int, pages: dict[int, bytes]) -> Path:
+    """A classic stream whose one block claims ``claim`` bytes and holds ``pages``."""
+
+    def records(comp):
+        out = comp.part_start()
+        for i, (page, data) in enumerate(sorted(pages.items())):
+            out += comp.page_record(None if i else "pc.ram", page, data)
+        return out + comp.section_end()
+
+    comp = StreamComposer(PAGE)
+    head = comp.head()
+    pieces, _, _ = comp.ram_start(len(head), [("pc.ram", claim)])
+    start = b"".join(data for _, data in pieces)
+    path.write_bytes(head + start + records(comp) + comp.tail())
+    return path
+
+
+def sparse_reference(ram: np.ndarray, page_size: int = PAGE) -> str:
+    """The documented sparse-sha256, computed from the RAM alone."""
+    pages = ram.reshape(-1, page_size)
+    nonzero = np.flatnonzero(pages.any(axis=1))
+    data = hashlib.sha256(pages[nonzero].tobytes()).digest()
+    numbers = hashlib.sha256(nonzero.astype("<u8").tobytes()).digest()
+    return hashlib.sha256(data + numbers + len(pages).to_bytes(8, "little")).hexdigest()
+
+
+def test_hash_of_a_tib_claim_follows_the_file(tmp_path):
+    """A 1 TiB claim with three pages (one of them zero): no sha256 (it would hash a TiB of
+    zeros), a sparse digest of the two non-zero pages, a note; in a child, so a hang shows."""
+    pages = {7: bytes(range(256)) * 16, 1 << 20: b"\xff" * PAGE, 5: bytes(PAGE)}
+    path = claimed_stream(tmp_path / "tib.bin", 1 << 40, pages)
+    child = (
+        "import json, sys, mappedram\n"
+        "r = mappedram.verify(sys.argv[1], hash_blocks=True)\n"
+        "print(json.dumps(r.describe()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=HANG)
+    report = json.loads(proc.stdout)
+    assert report["valid"] and report["sha256"] == {}
+    sparse = report["sparse_sha256"]["pc.ram"]
+    assert sparse["pages"] == (1 << 40) // PAGE and sparse["nonzero_pages"] == 2
+    data = hashlib.sha256(pages[7] + pages[1 << 20]).digest()
+    numbers = hashlib.sha256(np.array([7, 1 << 20], dtype="<u8").tobytes()).digest()
+    assert sparse["digest"] == hashlib.sha256(data + numbers + ((1 << 40) // PAGE).to_bytes(8, "little")).hexdigest()
+    assert any("no sha256" in n and "--hash-zeros" in n for n in report["notes"])
+
+
+def test_zero_budget_and_hash_zeros(tmp_path):
+    """Past the budget only the sparse digest; --hash-zeros gives the sha256 too, equal to
+    the sha256 of the RAM computed here."""
+    claim = 64 << 20
+    pages = {3: b"\x01" * PAGE}
+    path = claimed_stream(tmp_path / "c.bin", claim, pages)
+    ram = np.zeros(claim, dtype=np.uint8)
+    ram[3 * PAGE : 4 * PAGE] = 1
+    bounded = mappedram.verify(path, hash_blocks=True, zero_budget=1 << 20)
+    assert bounded.hashes == {} and bounded.sparse["pc.ram"].digest == sparse_reference(ram)
+    full = mappedram.verify(path, hash_blocks=True, hash_zeros=True, zero_budget=1 << 20)
+    assert full.hashes == {"pc.ram": hashlib.sha256(ram).hexdigest()}
+    assert full.sparse == bounded.sparse
+    assert mappedram.verify(path, hash_blocks=True).hashes == full.hashes  # 64 MiB: within the default budget
+
+
+def test_sparse_digest_is_the_same_for_both_layouts(tmp_path, paused_mr):
+    """The sparse digest depends on the RAM only: a QEMU mapped-ram fixture and its
+    conversion to a classic stream give the same one, and it matches the computation from
+    the block's bytes."""
+    stream = tmp_path / "stream.bin"
+    mappedram.convert(paused_mr, stream, "stream")
+    mapped = mappedram.verify(paused_mr, hash_blocks=True)
+    converted = mappedram.verify(stream, hash_blocks=True)
+    assert mapped.sparse == converted.sparse and mapped.hashes == converted.hashes
+    with mappedram.open(paused_mr) as snap:
+        for block in snap:
+            assert mapped.sparse[block.name].digest == sparse_reference(block.read(), block.page_size)
+            assert mapped.sparse[block.name].nonzero_pages <= block.populated
+
+
+def test_cli_prints_the_sparse_digest(tmp_path, capsys):
+    path = claimed_stream(tmp_path / "tib.bin", 1 << 40, {9: b"\x02" * PAGE})
+    assert main(["verify", "--hash", str(path)]) == 0
+    out = capsys.readouterr().out
+    digest = mappedram.verify(path, hash_blocks=True).sparse["pc.ram"].digest
+    assert f"{digest}  pc.ram (sparse-sha256: 1 non-zero of {(1 << 40) // PAGE} pages)" in out
