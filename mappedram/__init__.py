@@ -1,37 +1,64 @@
-"""mappedram: read, check, restore and write QEMU mapped-ram snapshot files."""
+"""mappedram: read, check, restore and write QEMU mapped-ram snapshot files.
+
+The names below are imported on first use (module ``__getattr__``), so that ``import
+mappedram`` and the command line start without loading what they do not run (numpy,
+construct, the writer).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .errors import FormatError
-from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64, BitmapLayout
-from .formats.policy import Mode
-from .mapper.blocks import MappedRamBlock, RamBlock, StreamRamBlock
-from .mapper.convert import convert
-from .mapper.physical import PhysicalView, export_elf
-from .mapper.restore import extract, restore, restore_into
-from .mapper.snapshot import Snapshot, open
-from .mapper.verify import Report, verify
-from .mapper.writer import DeviceState, SnapshotWriter
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BIG_ENDIAN_64",
-    "LITTLE_ENDIAN_64",
-    "BitmapLayout",
-    "DeviceState",
-    "FormatError",
-    "MappedRamBlock",
-    "Mode",
-    "RamBlock",
-    "Report",
-    "Snapshot",
-    "PhysicalView",
-    "SnapshotWriter",
-    "StreamRamBlock",
-    "convert",
-    "export_elf",
-    "extract",
-    "open",
-    "restore",
-    "restore_into",
-    "verify",
-]
+# name -> the module that defines it
+_LAZY = {
+    "BIG_ENDIAN_64": ".formats.bitmap",
+    "LITTLE_ENDIAN_64": ".formats.bitmap",
+    "BitmapLayout": ".formats.bitmap",
+    "Mode": ".formats.policy",
+    "MappedRamBlock": ".mapper.blocks",
+    "RamBlock": ".mapper.blocks",
+    "StreamRamBlock": ".mapper.blocks",
+    "convert": ".mapper.convert",
+    "PhysicalView": ".mapper.physical",
+    "export_elf": ".mapper.physical",
+    "extract": ".mapper.restore",
+    "restore": ".mapper.restore",
+    "restore_into": ".mapper.restore",
+    "Snapshot": ".mapper.snapshot",
+    "open": ".mapper.snapshot",
+    "Report": ".mapper.verify",
+    "verify": ".mapper.verify",
+    "DeviceState": ".mapper.writer",
+    "SnapshotWriter": ".mapper.writer",
+}
+
+__all__ = ["FormatError", *_LAZY]
+
+if TYPE_CHECKING:
+    from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64, BitmapLayout
+    from .formats.policy import Mode
+    from .mapper.blocks import MappedRamBlock, RamBlock, StreamRamBlock
+    from .mapper.convert import convert
+    from .mapper.physical import PhysicalView, export_elf
+    from .mapper.restore import extract, restore, restore_into
+    from .mapper.snapshot import Snapshot, open
+    from .mapper.verify import Report, verify
+    from .mapper.writer import DeviceState, SnapshotWriter
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mappedram' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # the next access is a plain lookup
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

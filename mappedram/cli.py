@@ -17,9 +17,6 @@ from .errors import FormatError
 from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
 from .mapper.blocks import not_in_file
 from .mapper.channels import MAX_CHANNELS, check_count
-from .mapper.convert import convert
-from .mapper.physical import PhysicalView, export_elf
-from .mapper.restore import extract
 from .mapper.snapshot import Snapshot
 from .mapper.verify import verify
 from .progress import ProgressBar, human
@@ -265,6 +262,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    from .mapper.restore import extract  # imported when used: dump and verify start faster
+
     with Snapshot(args.file, **_open_args(args)) as snap:
         if args.block not in snap.blocks:
             print(
@@ -284,6 +283,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from .mapper.convert import convert
+
     try:
         check_count(args.channels)
     except ValueError as err:
@@ -299,6 +300,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_elf(args: argparse.Namespace) -> int:
+    from .mapper.physical import PhysicalView, export_elf
+
     extra = {}
     for item in args.map:
         name, sep, addr = item.rpartition("=")

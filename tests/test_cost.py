@@ -271,3 +271,28 @@ def test_cli_prints_the_sparse_digest(tmp_path, capsys):
     out = capsys.readouterr().out
     digest = mappedram.verify(path, hash_blocks=True).sparse["pc.ram"].digest
     assert f"{digest}  pc.ram (sparse-sha256: 1 non-zero of {(1 << 40) // PAGE} pages)" in out
+
+
+# -- start-up ---------------------------------------------------------------------------------
+def test_import_loads_nothing_heavy():
+    """``import mappedram`` loads neither numpy nor construct nor the writer; each public
+    name is there on first use."""
+    child = (
+        "import sys, mappedram\n"
+        "heavy = [m for m in ('numpy', 'construct', 'mappedram.mapper.writer') if m in sys.modules]\n"
+        "names = [n for n in mappedram.__all__ if getattr(mappedram, n) is None]\n"
+        "print(heavy, names, 'numpy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=HANG).stdout
+    assert out.split("\n")[0] == "[] [] True"  # nothing before use; numpy once a name needs it
+
+
+def test_cli_does_not_load_the_writer_for_dump():
+    child = (
+        "import sys\n"
+        "from mappedram.cli import main\n"
+        "print([m for m in ('mappedram.mapper.writer', 'mappedram.mapper.convert', 'mappedram.mapper.physical') "
+        "if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=HANG).stdout
+    assert out.strip() == "[]"
