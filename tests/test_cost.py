@@ -296,3 +296,62 @@ def test_cli_does_not_load_the_writer_for_dump():
     )
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=HANG).stdout
     assert out.strip() == "[]"
+
+
+# -- runs of CONTINUE records, taken with numpy -----------------------------------------------
+def _records_stream(path: Path, records: list[bytes]) -> Path:
+    """A classic stream of 64 pages whose RAM section PART holds ``records``."""
+
+    def middle(comp):
+        return comp.part_start() + b"".join(records) + comp.section_end()
+
+    comp = StreamComposer(PAGE)
+    head = comp.head()
+    pieces, _, _ = comp.ram_start(len(head), [("pc.ram", 64 * PAGE)])
+    path.write_bytes(head + b"".join(d for _, d in pieces) + middle(comp) + comp.tail())
+    return path
+
+
+def test_page_runs_index_every_page(tmp_path):
+    """40 CONTINUE|PAGE records, then a ZERO run over some of them: the index keeps the
+    pages the last record gave data, at the offsets of their data."""
+    enc = StreamComposer(PAGE).encoder
+    data = {p: bytes([p + 1]) * PAGE for p in range(40)}
+    records = [enc.page_record("pc.ram" if p == 0 else None, p, data[p]) for p in range(40)]
+    records += [enc.page_record(None, p, None) for p in range(10, 30)]
+    path = _records_stream(tmp_path / "runs.bin", records)
+    with mappedram.open(path) as snap:
+        block = snap.block("pc.ram")
+        ram = block.read()
+        assert block.populated == 20
+    want = np.zeros(64 * PAGE, dtype=np.uint8)
+    for p in [*range(10), *range(30, 40)]:
+        want[p * PAGE : (p + 1) * PAGE] = p + 1
+    assert np.array_equal(ram, want)
+
+
+@pytest.mark.parametrize("bad", ["page-past-the-block", "fill-byte", "flags"])
+def test_a_bad_record_inside_a_run(tmp_path, bad):
+    """The record that breaks a run is judged by the record loop: its own offset and
+    message, as if no run had been taken."""
+    enc = StreamComposer(PAGE).encoder
+    zero = bad == "fill-byte"
+    records = [enc.page_record("pc.ram" if i == 0 else None, i % 64, None if zero else bytes(PAGE)) for i in range(60)]
+    start = sum(len(r) for r in records[:37])
+    if bad == "page-past-the-block":
+        records[37] = enc.page_record(None, 64, bytes(PAGE))
+    elif bad == "fill-byte":
+        records[37] = records[37][:-1] + b"\x05"
+    else:
+        records[37] = S.RamWord.build(37 * PAGE | RamFlag.CONTINUE) + bytes(PAGE)
+    path = _records_stream(tmp_path / "bad.bin", records)
+    head = path.read_bytes().index(records[0])
+    with pytest.raises(mappedram.FormatError) as err:
+        with mappedram.open(path) as snap:
+            snap.sections
+    expected = {
+        "page-past-the-block": (head + start, "a page inside block 'pc.ram'"),
+        "fill-byte": (head + start + 8, "a zero page fill byte of 0"),
+        "flags": (head + start, "RAM flags"),
+    }[bad]
+    assert err.value.offset == expected[0] and expected[1] in err.value.expected

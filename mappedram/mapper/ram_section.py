@@ -38,6 +38,7 @@ _MAPPED_RAM_HEADER = struct.Struct(">IQQQ")  # version, page_size, bitmap_offset
 assert _MAPPED_RAM_HEADER.size == S.MAPPED_RAM_HEADER_SIZE
 _RECORD_HEAD = _WORD + 1 + 255 + 1  # a word, a block name, a zero page's fill byte
 _PAGE_OR_ZERO = RamFlag.PAGE | RamFlag.ZERO
+_MIN_RUN = 16  # records a numpy run must hold to be worth its set-up
 _KNOWN_FLAGS = int(sum(RamFlag))
 
 
@@ -90,6 +91,36 @@ class PageIndex:
         last = len(pages) - 1 - np.unique(pages[::-1], return_index=True)[1]  # sorted by page
         keep = last[offsets[last] >= 0]
         return pages[keep], offsets[keep]
+
+
+def _continue_run(
+    buf: bytes, base: int, at: int, flags: int, page_size: int, num_pages: int, records: tuple[array, array]
+) -> int:
+    """Log the run of records from ``at`` that all carry ``flags`` (CONTINUE|PAGE: a word
+    and a page; CONTINUE|ZERO: a word and a fill byte of 0) with a page inside the block
+    and lie wholly in ``buf``; return the bytes taken (0: let the record loop judge)."""
+    is_page = flags & RamFlag.PAGE
+    stride = _WORD + (page_size if is_page else 1)
+    count = (base + len(buf) - at) // stride
+    if count < _MIN_RUN:
+        return 0
+    start = at - base
+    words = np.ndarray((count,), dtype=">u8", buffer=buf, offset=start, strides=(stride,))
+    mask = page_size - 1
+    good = (words & mask) == flags
+    pages = (words & ~np.uint64(mask)) // np.uint64(page_size)
+    good &= pages < num_pages
+    if not is_page:
+        good &= np.ndarray((count,), dtype=np.uint8, buffer=buf, offset=start + _WORD, strides=(stride,)) == 0
+    taken = count if good.all() else int(np.argmin(good))
+    if taken == 0:
+        return 0
+    records[0].frombytes(pages[:taken].astype(np.int64).tobytes())
+    if is_page:
+        records[1].frombytes((np.arange(taken, dtype=np.int64) * stride + (at + _WORD)).tobytes())
+    else:
+        records[1].frombytes(np.full(taken, -1, dtype=np.int64).tobytes())
+    return taken * stride
 
 
 class RamSectionReader(ABC):
@@ -278,6 +309,8 @@ class StreamRamSectionReader(RamSectionReader):
         eos, page_or_zero, cont, page_flag = (
             int(f) for f in (RamFlag.EOS, _PAGE_OR_ZERO, RamFlag.CONTINUE, RamFlag.PAGE)
         )
+        # CONTINUE records of one kind, the bulk of a stream, are taken in runs (numpy)
+        run_flags = {f for f in (cont | page_flag, cont | int(RamFlag.ZERO)) if verdict(f) is None}
         block_name = self._current
         records = None if block_name is None else self.index.log(block_name)
         num_pages = 0 if block_name is None else self.blocks[block_name].num_pages
@@ -290,6 +323,17 @@ class StreamRamSectionReader(RamSectionReader):
             flags = word & mask
             if (known[flags] if flags in known else verdict(flags)) is not None:
                 raise self._word_problem(pos, word, flags)
+            if flags in run_flags and records is not None:
+                stride = _WORD + (page_size if flags & page_flag else 1)
+                # the window is refreshed only when fewer than _MIN_RUN records remain in it,
+                # and numpy is asked only when the next record has the same flags too
+                buf, base = cursor.window(pos, min(size - pos, _MIN_RUN * stride))
+                nxt = pos + stride - base
+                if nxt + _WORD <= len(buf) and unpack(buf, nxt)[0] & mask == flags:
+                    taken = _continue_run(buf, base, pos, flags, page_size, num_pages, records)
+                    if taken:
+                        pos += taken
+                        continue
             pos += _WORD
             if flags & eos:
                 self._current = block_name
