@@ -355,3 +355,34 @@ def test_a_bad_record_inside_a_run(tmp_path, bad):
         "flags": (head + start, "RAM flags"),
     }[bad]
     assert err.value.offset == expected[0] and expected[1] in err.value.expected
+
+
+# -- restore into transparent huge pages ------------------------------------------------------
+def _vm_flags(array: np.ndarray) -> list[str]:
+    """The VmFlags of the mapping that holds ``array`` (from /proc/self/smaps)."""
+    start = array.ctypes.data
+    current = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            current = lo <= start < hi
+        elif head == "VmFlags:" and current:
+            return line.split()[1:]
+    raise AssertionError("no mapping holds the array")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_restore_into_huge_pages(paused_mr):
+    """A dense block is restored into memory advised for huge pages (VmFlags 'hg'), a
+    sparse one into plain calloc memory; the bytes are the same either way."""
+    plain = mappedram.restore(paused_mr, huge_pages=False)
+    chosen = mappedram.restore(paused_mr)
+    with mappedram.open(paused_mr) as snap:
+        for name, array in chosen.items():
+            block = snap.block(name)
+            assert np.array_equal(array, plain[name])
+            dense = 2 * block.populated * block.page_size >= block.used_length
+            if block.used_length >= 2 << 20:
+                assert ("hg" in _vm_flags(array)) == dense, name
+    assert any("hg" in _vm_flags(a) for a in chosen.values())  # the fixture's pc.ram is dense

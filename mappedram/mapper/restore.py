@@ -29,12 +29,23 @@ def restore_into(
 
 
 def restore(
-    path: str | os.PathLike[str], *, channels: int = 4, blocks: list[str] | None = None, **open_args: Any
+    path: str | os.PathLike[str],
+    *,
+    channels: int = 4,
+    blocks: list[str] | None = None,
+    huge_pages: bool | None = None,
+    **open_args: Any,
 ) -> dict[str, np.ndarray]:
-    """Every block (or the named ones) of a snapshot as fresh numpy uint8 arrays."""
+    """Every block (or the named ones) of a snapshot as fresh numpy uint8 arrays.
+    ``huge_pages``: transparent huge pages for the arrays; by default for blocks whose
+    pages are at least half populated (see ``new_buffer``)."""
     with open_snapshot(path, **open_args) as snap:
         names = blocks if blocks is not None else list(snap.blocks)
-        out = {name: new_buffer(name, snap.block(name).used_length) for name in names}
+        out = {}
+        for name in names:
+            block = snap.block(name)
+            dense = 2 * block.populated * block.page_size >= block.used_length
+            out[name] = new_buffer(name, block.used_length, dense if huge_pages is None else huge_pages)
         snap.restore_into(out, channels=channels, zero_fill=False)
     return out
 
