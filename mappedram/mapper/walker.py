@@ -32,6 +32,7 @@ _INSTANCE_VERSION = struct.Struct(">II")
 _COMMAND = struct.Struct(">HH")  # cmd, length
 _FOOTER = struct.Struct(">BI")  # 0x7e, section id
 _SECTION_TYPES = {t.value: t for t in SectionType}
+_COMMAND_TYPE = SectionType.COMMAND.value
 
 _ELEMENTS_AFTER_FOOTER = {t.value for t in SectionType} - {
     SectionType.SUBSECTION,
@@ -66,6 +67,7 @@ class StreamWalker:
         self.done = False
         self._error: FormatError | None = None
         self._device_index = 0
+        self._command_verdicts: dict[int, str | None] = {}  # cmd << 16 | length -> command_problem
         self._unlisted = 0  # problems past MAX_PROBLEMS
         self._first_unlisted = 0
         self._dispatch: dict[SectionType, Callable[[int, SectionType], None]] = {
@@ -176,17 +178,31 @@ class StreamWalker:
         self.sections.append(sec)
 
     def _command(self, off: int, kind: SectionType) -> None:
-        cursor = self.cursor
-        start = off + 1
-        cursor.skip_to(start, "a command")
+        """A COMMAND, and the commands that follow it at once (a stream may hold millions:
+        they are read from the cursor's window without a round through the dispatch)."""
+        cursor, size, log = self.cursor, self.cursor.size, self.sections
         what = "a command (be16 cmd, be16 len, data)"
-        cmd, length = _COMMAND.unpack(_take(cursor, start, _COMMAND.size, what))
-        if cursor.pos + length > cursor.size:
-            raise FormatError(start, what, f"the end of the file at {cursor.size:#x}")
-        cursor.skip_to(cursor.pos + length, "a command's data")
-        if why := command_problem(cmd, length):
-            self._problem(Problem(start, f"expected {why}"))
-        self.sections.add_command(off, cmd, length)
+        verdicts = self._command_verdicts
+        buf, base = b"", off
+        while True:
+            start = off + 1
+            if start + _COMMAND.size > base + len(buf):
+                buf, base = cursor.window(off, min(size - off, 1 + _COMMAND.size))
+            if start + _COMMAND.size > size:
+                raise FormatError(start, what, f"the end of the file at {size:#x}")
+            cmd, length = _COMMAND.unpack_from(buf, start - base)
+            end = start + _COMMAND.size + length
+            if end > size:
+                raise FormatError(start, what, f"the end of the file at {size:#x}")
+            key = cmd << 16 | length
+            why = verdicts[key] if key in verdicts else verdicts.setdefault(key, command_problem(cmd, length))
+            if why:
+                self._problem(Problem(start, f"expected {why}"))
+            log.add_command(off, cmd, length)
+            off = end
+            if not (off < base + len(buf) and buf[off - base] == _COMMAND_TYPE) or off >= size:
+                break
+        cursor.skip_to(off, "a command's data")
 
     def _eof(self, off: int, kind: SectionType) -> None:
         self.cursor.skip_to(off + 1, "EOF")
