@@ -8,8 +8,8 @@ interleaved (a, b, c, a, b, c...), best of ``--runs``, page cache warm:
   until ``query-migrate`` says completed (polled every 2 ms), with mapped-ram alone and
   with multifd (4 channels). QEMU advises its guest RAM for transparent huge pages.
 - mappedram: ``mappedram.restore(path, channels=N)`` in a fresh child process, N = 1, 2,
-  4, into memory advised for huge pages (the default for dense blocks) and into plain
-  calloc memory (``huge_pages=False``).
+  4, into plain calloc memory (the default) and into memory advised for transparent
+  huge pages (``huge_pages=True``).
 
     python bench/bench_restore_qemu.py [--ram-mb 1024] [--runs 3] [--dir DIR]
 """
@@ -35,7 +35,7 @@ import json, sys, time
 import mappedram
 path, channels, huge = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "huge"
 t = time.perf_counter()
-arrays = mappedram.restore(path, channels=channels, huge_pages=None if huge else False)
+arrays = mappedram.restore(path, channels=channels, huge_pages=huge)
 seconds = time.perf_counter() - t
 print(json.dumps({"seconds": seconds, "bytes": sum(a.nbytes for a in arrays.values())}))
 """
@@ -70,7 +70,10 @@ def qemu_load(workdir: Path, image: Path, path: Path, ram_mb: int, multifd: bool
 def ours(path: Path, channels: int, huge: bool) -> float:
     out = subprocess.run(
         [sys.executable, "-c", OURS, str(path), str(channels), "huge" if huge else "plain"],
-        capture_output=True, text=True, check=True, env={"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(REPO)},
     ).stdout
     return json.loads(out)["seconds"]
 
@@ -104,8 +107,10 @@ def main() -> None:
                 seconds = measure()
                 best[name] = min(seconds, best.get(name, seconds))
         base = min(seconds for name, seconds in best.items() if name.startswith("QEMU"))
-        print(f"restore of a {args.ram_mb} MiB QEMU 10 mapped-ram save ({path.stat().st_size / 2**20:.0f} MiB file), "
-              f"best of {args.runs}, interleaved, page cache warm")
+        print(
+            f"restore of a {args.ram_mb} MiB QEMU 10 mapped-ram save ({path.stat().st_size / 2**20:.0f} MiB file), "
+            f"best of {args.runs}, interleaved, page cache warm"
+        )
         print(f"{'':42} {'seconds':>8} {'faster QEMU row / this':>23}")
         for name, seconds in best.items():
             print(f"{name:42} {seconds:>8.3f} {base / seconds:>22.2f}x")

@@ -89,15 +89,18 @@ def main() -> None:
         )
         subprocess.run([sys.executable, "-c", build], check=True)  # a child: this process stays small
         size = os.path.getsize(path)
-        print(f"classic stream: {size / 2**30:.2f} GiB, {int(args.gib * 2**30) // PAGE} PAGE records, "
-              f"built in {time.perf_counter() - started:.1f} s; best of {args.runs}, interleaved, page cache warm")
+        print(
+            f"classic stream: {size / 2**30:.2f} GiB, {int(args.gib * 2**30) // PAGE} PAGE records, "
+            f"built in {time.perf_counter() - started:.1f} s; best of {args.runs}, interleaved, page cache warm"
+        )
         subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)  # warm the cache
         configs = {
             "python3 -c pass": [sys.executable, "-c", "pass"],
             "mappedram dump": [*cli, "dump", path],
             "mappedram verify": [*cli, "verify", path],
             "mappedram.open + populated": [
-                sys.executable, "-c",
+                sys.executable,
+                "-c",
                 f"import mappedram; s = mappedram.open({path!r}); print(s.block('pc.ram').populated)",
             ],
         }

@@ -37,7 +37,28 @@ _LAZY = {
     "SnapshotWriter": ".mapper.writer",
 }
 
-__all__ = ["FormatError", *_LAZY]
+__all__ = [
+    "BIG_ENDIAN_64",
+    "LITTLE_ENDIAN_64",
+    "BitmapLayout",
+    "DeviceState",
+    "FormatError",
+    "MappedRamBlock",
+    "Mode",
+    "PhysicalView",
+    "RamBlock",
+    "Report",
+    "Snapshot",
+    "SnapshotWriter",
+    "StreamRamBlock",
+    "convert",
+    "export_elf",
+    "extract",
+    "open",
+    "restore",
+    "restore_into",
+    "verify",
+]
 
 if TYPE_CHECKING:
     from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64, BitmapLayout

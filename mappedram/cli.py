@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "for the others the sparse-sha256 (the non-zero pages and their numbers), whose time follows the file",
     )
     ver.add_argument(
-        "--hash-zeros", action="store_true", help="with --hash: the sha256 of every block, whatever its clear pages cost"
+        "--hash-zeros",
+        action="store_true",
+        help="with --hash: the sha256 of every block, whatever its clear pages cost",
     )
     ver.add_argument("--json", action="store_true", help="print the report as JSON")
     ver.add_argument("--progress", action="store_true", default=None, help="show a progress bar for --hash")
@@ -255,7 +257,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             print(f"{digest}  {name}")
         for name, sparse in report.sparse.items():
             if name not in report.hashes:
-                print(f"{sparse.digest}  {name} (sparse-sha256: {sparse.nonzero_pages} non-zero of {sparse.pages} pages)")
+                print(
+                    f"{sparse.digest}  {name} (sparse-sha256: {sparse.nonzero_pages} non-zero of {sparse.pages} pages)"
+                )
         if report.ok:
             print(f"{args.file}: valid" + "".join(f" ({n})" for n in report.notes))
     return EXIT_OK if report.ok else EXIT_INVALID

@@ -135,7 +135,9 @@ class SectionLog(Sequence[Section]):
             cmd, length = _U16X2.unpack_from(rows, pos)
             name = str(_COMMAND_NAMES.get(cmd, cmd))
             end = offset + _COMMAND_HEAD + length
-            return Section(kind, offset, command=name, payload_offset=offset + 5, payload_length=length, end=end), pos + 4
+            return Section(
+                kind, offset, command=name, payload_offset=offset + 5, payload_length=length, end=end
+            ), pos + 4
         (sid,) = _U32.unpack_from(rows, pos)
         pos += 4
         if code <= 1:
@@ -191,4 +193,3 @@ class SectionLog(Sequence[Section]):
 
     def __repr__(self) -> str:
         return f"SectionLog({self._count} sections)"
-

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import numpy as np
 
 from ..errors import FormatError
 from ..formats.constants import RAM_IDSTR
@@ -98,11 +100,10 @@ def verify(
                         report.notes.append(f"block {block.name!r} is not in the file (x-ignore-shared): no hash")
                         continue
                     step = None if progress is None else (lambda n, base=done: progress(base + n, total))
-                    full = hash_zeros or zeros_within_budget(block, zero_budget)
-                    sha, report.sparse[block.name] = block_digests(block, full, step)
-                    if sha is not None:
-                        report.hashes[block.name] = sha
+                    if hash_zeros or zeros_within_budget(block, zero_budget):
+                        report.hashes[block.name] = block_sha256(block, step)
                     else:
+                        report.sparse[block.name] = block_sparse_digest(block, step)
                         report.notes.append(
                             f"block {block.name!r}: no sha256, its {_clear_bytes(block)} bytes of clear pages are "
                             f"past the zero budget (--hash-zeros hashes them, about 1 s per GiB); "
@@ -241,35 +242,49 @@ def zeros_within_budget(block: RamBlock, budget: int = ZERO_BUDGET) -> bool:
 
 
 def block_sha256(block: RamBlock, progress: Callable[[int], None] | None = None) -> str:
-    """sha256 of the block as the guest sees it, clear pages as zeros (time follows the
-    RAM the block claims)."""
-    sha, _ = block_digests(block, True, progress)
-    assert sha is not None
-    return sha
+    """sha256 of the block as the guest sees it, clear pages fed as zeros from a shared
+    buffer (time follows the RAM the block claims)."""
+    digest = hashlib.sha256()
+    for chunk in _pieces(block, zeros=True, progress=progress):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
-def block_digests(
-    block: RamBlock, full: bool, progress: Callable[[int], None] | None = None
-) -> tuple[str | None, SparseDigest]:
-    """The block's sparse digest and, if ``full``, its sha256 (clear pages fed as zeros
-    from a shared buffer), in one pass over the copy plan: the pieces read into one
-    buffer of at least a page, so every piece holds whole pages."""
-    import numpy as np
-
+def block_sparse_digest(block: RamBlock, progress: Callable[[int], None] | None = None) -> SparseDigest:
+    """The block's SparseDigest: only its populated pages are read (time follows the file)."""
     page_size = block.page_size
-    piece = max(HASH_PIECE // page_size, 1) * page_size
-    whole = hashlib.sha256() if full else None
     data, numbers = hashlib.sha256(), hashlib.sha256()
     nonzero_pages = 0
+    for first_page, chunk in _pieces(block, zeros=False, progress=progress):
+        nonzero = np.frombuffer(chunk, dtype=np.uint8).reshape(-1, page_size).any(axis=1)
+        count = int(nonzero.sum())
+        if count == len(nonzero):
+            data.update(chunk)
+        elif count:
+            for first, run in zip(*_runs(nonzero)):
+                data.update(chunk[first * page_size : (first + run) * page_size])
+        if count:
+            numbers.update((np.flatnonzero(nonzero) + first_page).astype("<u8").tobytes())
+        nonzero_pages += count
+    digest = hashlib.sha256(data.digest() + numbers.digest() + block.num_pages.to_bytes(8, "little"))
+    return SparseDigest(digest.hexdigest(), block.num_pages, nonzero_pages)
+
+
+def _pieces(block: RamBlock, *, zeros: bool, progress: Callable[[int], None] | None) -> Iterator[Any]:
+    """The block's bytes in page order along its copy plan, read into one buffer of
+    whole pages (at least one): with ``zeros``, every byte, clear ranges as views of a
+    shared zero buffer; without, (first page, bytes) of the populated pages only."""
+    page_size = block.page_size
+    piece = max(HASH_PIECE // page_size, 1) * page_size
     buffer = memoryview(bytearray(min(piece, max(block.used_length, 1))))
     done = 0
     for steps in copy_plan(block.extent_arrays(), page_size, 0, block.used_length, piece):
         for dest, length, file_offset in steps:
             if file_offset == GAP:
-                if whole is not None:
-                    for zeros in zero_chunks(length):
-                        whole.update(zeros)
-                        done += len(zeros)
+                if zeros:
+                    for chunk in zero_chunks(length):
+                        yield chunk
+                        done += len(chunk)
                         if progress:
                             progress(done)
                 else:
@@ -277,31 +292,13 @@ def block_digests(
                 continue
             chunk = buffer[:length]
             read_exact(block.fd, chunk, file_offset, block.name)
-            if whole is not None:
-                whole.update(chunk)
-            pages = np.frombuffer(chunk, dtype=np.uint8).reshape(-1, page_size)
-            nonzero = pages.any(axis=1)
-            count = int(nonzero.sum())
-            if count == len(nonzero):
-                data.update(chunk)
-            elif count:
-                for first, run in zip(*_runs(nonzero)):
-                    data.update(chunk[first * page_size : (first + run) * page_size])
-            if count:
-                first_page = dest // page_size
-                numbers.update((np.flatnonzero(nonzero) + first_page).astype("<u8").tobytes())
-            nonzero_pages += count
+            yield chunk if zeros else (dest // page_size, chunk)
             done += length
             if progress:
                 progress(done)
-    digest = hashlib.sha256(data.digest() + numbers.digest() + block.num_pages.to_bytes(8, "little"))
-    sparse = SparseDigest(digest.hexdigest(), block.num_pages, nonzero_pages)
-    return (whole.hexdigest() if whole is not None else None), sparse
 
 
-def _runs(mask: Any) -> tuple[list[int], list[int]]:
+def _runs(mask: np.ndarray) -> tuple[list[int], list[int]]:
     """(firsts, lengths) of the runs of True in a bool array."""
-    import numpy as np
-
     edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
     return edges[::2].tolist(), (edges[1::2] - edges[::2]).tolist()

@@ -94,7 +94,8 @@ class StreamWalker:
                 self.problems.append(
                     Problem(
                         self._first_unlisted,
-                        f"expected at most {MAX_PROBLEMS} problems, found {self._unlisted} more from here on (not listed)",
+                        f"expected at most {MAX_PROBLEMS} problems, "
+                        f"found {self._unlisted} more from here on (not listed)",
                     )
                 )
                 self._unlisted = 0
