@@ -379,15 +379,17 @@ def _vm_flags(array: np.ndarray) -> list[str]:
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
 def test_restore_into_huge_pages(paused_mr):
     """huge_pages=True: every array of at least a huge page lies in memory advised for
-    huge pages (VmFlags 'hg'); by default none does; the bytes are the same either way."""
+    huge pages (VmFlags 'hg'); the bytes are the same as by default. (A default array may
+    sit in heap memory numpy advised earlier, and so may a small one: only the arrays of
+    at least a huge page, which new_buffer maps, are checked.)"""
     plain = mappedram.restore(paused_mr)
     huge = mappedram.restore(paused_mr, huge_pages=True)
     assert plain.keys() == huge.keys()
     for name, array in huge.items():
         assert np.array_equal(array, plain[name])
-        assert "hg" not in _vm_flags(plain[name])
-        assert ("hg" in _vm_flags(array)) == (array.nbytes >= 2 << 20), name
-    assert any("hg" in _vm_flags(a) for a in huge.values())
+        if array.nbytes >= 2 << 20:
+            assert "hg" in _vm_flags(array), name
+    assert huge["pc.ram"].nbytes >= 2 << 20
 
 
 def test_all_names_are_the_lazy_ones():
