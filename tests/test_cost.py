@@ -394,3 +394,52 @@ def test_restore_into_huge_pages(paused_mr):
 
 def test_all_names_are_the_lazy_ones():
     assert set(mappedram.__all__) == {"FormatError", *mappedram._LAZY}
+
+
+def test_page_index_keeps_runs(tmp_path):
+    """Records are logged as runs: CONTINUE records of every other page, then of the pages
+    between, read back where their records put them; the populated count of 100,000 zero
+    records needs no per-page arrays."""
+    enc = StreamComposer(PAGE).encoder
+    pages = [*range(0, 64, 2), *range(1, 64, 2)]  # two runs with holes, then the holes
+    records = [enc.page_record("pc.ram" if i == 0 else None, p, bytes([p + 1]) * PAGE) for i, p in enumerate(pages)]
+    path = _records_stream(tmp_path / "runs.bin", records)
+    with mappedram.open(path) as snap:
+        block = snap.block("pc.ram")
+        assert block.populated == 64
+        ram = block.read()
+    assert all(ram[p * PAGE] == p + 1 for p in range(64))
+
+    def zeros(comp):
+        return (
+            comp.part_start()
+            + comp.page_record("pc.ram", 0, None)
+            + comp.page_record(None, 0, None) * 100_000
+            + comp.section_end()
+        )
+
+    path = _stream(tmp_path / "zeros.bin", zeros, mapped=False)
+    child = (
+        "import sys, tracemalloc, mappedram\n"
+        "snap = mappedram.open(sys.argv[1]); snap.sections\n"
+        "tracemalloc.start()\n"
+        "print(snap.block('pc.ram').populated, tracemalloc.get_traced_memory()[1])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, timeout=HANG)
+    populated, peak = (int(x) for x in out.stdout.split())
+    assert populated == 0 and peak < 64 << 10  # per-page arrays would be 1.6 MB and more
+
+
+def test_zero_run_inside_a_zeroed_run_keeps_later_data(tmp_path):
+    """ZERO records of pages 0-39, PAGE records of 20-29, ZERO records of 5-9 again: the
+    pages 20-29 keep their data (a re-zeroed range must not grow the run before it)."""
+    enc = StreamComposer(PAGE).encoder
+    records = [enc.page_record("pc.ram", 0, None)] + [enc.page_record(None, p, None) for p in range(1, 40)]
+    records += [enc.page_record(None, p, bytes([p]) * PAGE) for p in range(20, 30)]
+    records += [enc.page_record(None, p, None) for p in [*range(0, 20), *range(5, 25)]]
+    path = _records_stream(tmp_path / "rezero.bin", records)
+    with mappedram.open(path) as snap:
+        block = snap.block("pc.ram")
+        assert block.populated == 5  # 25-29: 20-24 were zeroed last
+        ram = block.read()
+    assert [p for p in range(64) if ram[p * PAGE]] == [25, 26, 27, 28, 29]

@@ -272,6 +272,8 @@ class MappedRamBlock(RamBlock):
 class PageLookup(Protocol):
     def pages(self, name: str) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def count(self, name: str) -> int: ...
+
 
 class StreamRamBlock(RamBlock):
     """A block of a classic stream: its pages are where the walker's index says.
@@ -305,7 +307,8 @@ class StreamRamBlock(RamBlock):
 
     @property
     def populated(self) -> int:
-        return len(self.index[0])
+        # without per-page arrays where the stream allows it (dump of a huge stream)
+        return len(self._index[0]) if self._index is not None else self._lookup.count(self.name)
 
     def present_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         pages = self.index[0]

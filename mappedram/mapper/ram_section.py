@@ -65,37 +65,103 @@ def _take(cursor: Cursor, start: int, length: int, what: str) -> bytes:
     return cursor.read(length, what)
 
 
+class RunLog:
+    """One block's records in stream order, as runs: ``count`` pages from ``first``, each
+    record's data ``stride`` bytes after the one before from ``offset`` (-1: ZERO
+    records). Consecutive CONTINUE records of consecutive pages, the bulk of a stream,
+    make one run: 24 bytes per run, not per page."""
+
+    def __init__(self, stride: int) -> None:
+        self.stride = stride
+        self.first, self.count, self.offset = array("q"), array("q"), array("q")
+
+    def add(self, page: int, offset: int) -> None:
+        """One record: page ``page`` with its data at ``offset`` (-1 for ZERO)."""
+        first, count, at = self.first, self.count, self.offset
+        if count:
+            n = count[-1]
+            if first[-1] + n == page and (at[-1] < 0 if offset < 0 else at[-1] + n * self.stride == offset):
+                count[-1] = n + 1
+                return
+            if offset < 0 and at[-1] < 0 and first[-1] <= page < first[-1] + n:
+                return  # zeroed again: the last run already zeroes it
+        first.append(page)
+        count.append(1)
+        at.append(offset)
+
+    def add_run(self, pages: np.ndarray, data_offset: int | None) -> None:
+        """Records of ``pages`` one stride apart, the first one's data at ``data_offset``
+        (None for ZERO records): split where the pages are not consecutive."""
+        if data_offset is None:
+            pages = pages[np.concatenate(([True], np.diff(pages) != 0))]  # zeroed again: once
+        starts = np.flatnonzero(np.diff(pages) != 1) + 1
+        firsts = pages[np.concatenate(([0], starts))]
+        counts = np.diff(np.concatenate(([0], starts, [len(pages)])))
+        if data_offset is None:
+            offsets = np.full(len(firsts), -1, dtype=np.int64)
+        else:
+            offsets = np.concatenate(([0], starts)) * self.stride + data_offset
+        first, count, at = self.first, self.count, self.offset
+        head, head_at = int(firsts[0]), int(offsets[0])
+        if (
+            count
+            and first[-1] + count[-1] == head
+            and (at[-1] < 0 if head_at < 0 else at[-1] >= 0 and at[-1] + count[-1] * self.stride == head_at)
+        ):
+            count[-1] += int(counts[0])  # the first piece extends the last run
+            firsts, counts, offsets = firsts[1:], counts[1:], offsets[1:]
+        first.frombytes(firsts.astype(np.int64).tobytes())
+        count.frombytes(counts.astype(np.int64).tobytes())
+        at.frombytes(offsets.astype(np.int64).tobytes())
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(np.frombuffer(a, dtype=np.int64) for a in (self.first, self.count, self.offset))  # type: ignore[return-value]
+
+
 class PageIndex:
     """Where a classic stream's pages are, built by the walker as it passes the records.
 
-    Per block two int64 arrays in stream order: page numbers, and the file offset of the
-    page's data (-1 for a ZERO record): 16 bytes a record, no Python object per page.
-    A block asks for its index through ``pages(name)``, which first lets the walk reach
-    EOF (``complete``), then keeps the last record of each page that holds data.
+    Per block a RunLog. A block asks through ``pages(name)``, which first lets the walk
+    reach EOF (``complete``), then keeps the last record of each page that holds data
+    (16 bytes per page, made on use), or through ``count(name)``, which needs no per-page
+    arrays when no page has two records (a paused save).
     """
 
     def __init__(self, complete: Callable[[], None]) -> None:
         self._complete = complete
-        self._records: dict[str, tuple[array, array]] = {}
+        self._records: dict[str, RunLog] = {}
 
-    def log(self, name: str) -> tuple[array, array]:
-        """The arrays the walker appends ``name``'s records to."""
-        return self._records.setdefault(name, (array("q"), array("q")))
+    def log(self, name: str, page_size: int) -> RunLog:
+        """The log the walker adds ``name``'s records to."""
+        if name not in self._records:
+            self._records[name] = RunLog(_WORD + page_size)  # one CONTINUE|PAGE record's data to the next
+        return self._records[name]
+
+    def _runs(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        self._complete()
+        log = self._records.get(name) or RunLog(0)
+        return (*log.arrays(), log.stride)
+
+    def count(self, name: str) -> int:
+        """Pages of ``name`` whose last record holds data."""
+        firsts, counts, offsets, _ = self._runs(name)
+        if np.all(firsts[1:] >= firsts[:-1] + counts[:-1]):  # in page order, each page once
+            return int(counts[offsets >= 0].sum())
+        return len(self.pages(name)[0])
 
     def pages(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(page numbers, file offsets) of the pages the stream holds, sorted by page."""
-        self._complete()
-        pages_log, offsets_log = self._records.get(name, (array("q"), array("q")))
-        pages = np.frombuffer(pages_log, dtype=np.int64)
-        offsets = np.frombuffer(offsets_log, dtype=np.int64)
+        firsts, counts, offsets, stride = self._runs(name)
+        within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        pages = np.repeat(firsts, counts) + within
+        run_offsets = np.repeat(offsets, counts)
+        offsets = np.where(run_offsets >= 0, run_offsets + within * stride, -1)
         last = len(pages) - 1 - np.unique(pages[::-1], return_index=True)[1]  # sorted by page
         keep = last[offsets[last] >= 0]
         return pages[keep], offsets[keep]
 
 
-def _continue_run(
-    buf: bytes, base: int, at: int, flags: int, page_size: int, num_pages: int, records: tuple[array, array]
-) -> int:
+def _continue_run(buf: bytes, base: int, at: int, flags: int, page_size: int, num_pages: int, records: RunLog) -> int:
     """Log the run of records from ``at`` that all carry ``flags`` (CONTINUE|PAGE: a word
     and a page; CONTINUE|ZERO: a word and a fill byte of 0) with a page inside the block
     and lie wholly in ``buf``; return the bytes taken (0: let the record loop judge)."""
@@ -115,11 +181,7 @@ def _continue_run(
     taken = count if good.all() else int(np.argmin(good))
     if taken == 0:
         return 0
-    records[0].frombytes(pages[:taken].astype(np.int64).tobytes())
-    if is_page:
-        records[1].frombytes((np.arange(taken, dtype=np.int64) * stride + (at + _WORD)).tobytes())
-    else:
-        records[1].frombytes(np.full(taken, -1, dtype=np.int64).tobytes())
+    records.add_run(pages[:taken].astype(np.int64), at + _WORD if is_page else None)
     return taken * stride
 
 
@@ -312,7 +374,7 @@ class StreamRamSectionReader(RamSectionReader):
         # CONTINUE records of one kind, the bulk of a stream, are taken in runs (numpy)
         run_flags = {f for f in (cont | page_flag, cont | int(RamFlag.ZERO)) if verdict(f) is None}
         block_name = self._current
-        records = None if block_name is None else self.index.log(block_name)
+        records = None if block_name is None else self.index.log(block_name, page_size)
         num_pages = 0 if block_name is None else self.blocks[block_name].num_pages
         while True:
             if pos + _WORD > size:
@@ -350,7 +412,7 @@ class StreamRamSectionReader(RamSectionReader):
                 block_name = buf[pos - base + 1 : pos - base + 1 + length].decode("utf-8", "replace")
                 if block_name not in self.blocks:
                     raise FormatError(pos, "the name of a RAM block from the block list", repr(block_name))
-                records = self.index.log(block_name)
+                records = self.index.log(block_name, page_size)
                 num_pages = self.blocks[block_name].num_pages
                 pos += 1 + length
             elif records is None:
@@ -361,14 +423,12 @@ class StreamRamSectionReader(RamSectionReader):
             if flags & page_flag:
                 if pos + page_size > size:
                     raise FormatError(pos, f"{page_size} bytes of page data", "the end of the file")
-                records[0].append(page)
-                records[1].append(pos)
+                records.add(page, pos)
                 pos += page_size
             else:
                 if pos >= size:
                     raise FormatError(pos, "the fill byte of a zero page", "the end of the file")
                 if buf[pos - base] != 0:
                     raise FormatError(pos, "a zero page fill byte of 0", f"{buf[pos - base]:#04x}")
-                records[0].append(page)
-                records[1].append(-1)
+                records.add(page, -1)
                 pos += 1
