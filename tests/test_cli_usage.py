@@ -18,6 +18,7 @@ from mappedram.cli import main
 from mappedram.cli_args import parse_size
 from mappedram.formats import structs as S
 from mappedram.formats.constants import RamFlag
+from mappedram.mapper import restore
 from mappedram.mapper.convert import to_stream
 from mappedram.progress import ProgressBar, end_line, human
 from mappedram.textsafe import printable
@@ -263,7 +264,7 @@ def test_interrupt_ends_the_progress_line(capsys, small, tmp_path, monkeypatch):
         progress(PAGE, 8 * PAGE)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "extract", interrupted)
+    monkeypatch.setattr(restore, "extract", interrupted)  # the command imports it when it runs
     argv = ["extract", str(small), "--block", "pc.ram", "-o", str(tmp_path / "o"), "--progress"]
     assert main(argv) == 130
     err = capsys.readouterr().err
