@@ -4,7 +4,8 @@ Builds, with the project's schemas, snapshots of guests of 1 GiB, 64 GiB and 1 T
 (sparse files: a real bitmap with every 97th page set, the pages themselves holes),
 then runs ``mappedram dump`` and ``mappedram verify`` on each as child processes and
 prints wall time and peak RSS side by side. Memory must not grow with the guest;
-the baseline column is ``mappedram --version`` (the interpreter and imports alone).
+the baselines are ``python3 -c pass`` (the interpreter alone) and ``mappedram
+--version`` (the interpreter and the CLI's imports).
 
     python bench/bench_huge.py [--dir DIR]
 """
@@ -67,12 +68,19 @@ _PEAK = (
     "sys.exit(code)\n"
 )
 
+# The interpreter alone, reporting its peak the same way.
+_PASS = (
+    "import sys\n"
+    "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+    "print('VmHWM', hwm, file=sys.stderr)\n"
+)
 
-def run(args: list[str]) -> tuple[float, int, int]:
+
+def run(args: list[str], code: str = _PEAK) -> tuple[float, int, int]:
     """(seconds, peak RSS in KiB, exit code) of ``mappedram ARGS`` in a child process."""
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-c", _PEAK, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     seconds = time.perf_counter() - start
     peak = int(proc.stderr.split("VmHWM")[-1].split()[0])
@@ -84,8 +92,10 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to put the sparse files (default: a temp dir)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        pass_t, pass_rss, _ = run([], _PASS)
         base_t, base_rss, _ = run(["--version"])
-        print(f"baseline `mappedram --version`: {base_t:6.2f} s, peak RSS {base_rss / 1024:7.1f} MiB")
+        print(f"baseline `python3 -c pass`:      {pass_t:6.3f} s, peak RSS {pass_rss / 1024:7.1f} MiB")
+        print(f"baseline `mappedram --version`: {base_t:6.3f} s, peak RSS {base_rss / 1024:7.1f} MiB")
         print(
             f"{'guest RAM':>10} {'file (apparent)':>16} {'on disk':>10} {'bitmap':>10} "
             f"{'dump s':>7} {'dump RSS MiB':>12} {'verify s':>8} {'verify RSS MiB':>14}"
@@ -100,8 +110,8 @@ def main() -> None:
             bitmap = (gib << 30) // PAGE // 8
             print(
                 f"{gib:>7} GiB {st.st_size / 2**30:>12.1f} GiB {st.st_blocks * 512 / 2**20:>6.1f} MiB "
-                f"{bitmap / 2**20:>6.1f} MiB {dump_t:>7.2f} {dump_rss / 1024:>12.1f} "
-                f"{ver_t:>8.2f} {ver_rss / 1024:>14.1f}   ({pages} pages set)"
+                f"{bitmap / 2**20:>6.1f} MiB {dump_t:>7.3f} {dump_rss / 1024:>12.1f} "
+                f"{ver_t:>8.3f} {ver_rss / 1024:>14.1f}   ({pages} pages set)"
             )
             os.unlink(path)
 

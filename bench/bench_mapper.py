@@ -12,10 +12,13 @@ VmHWM), on the same file in the same run as its baseline:
   bytes to a new file; both without fsync, then both with it.
 - live-save downtime: from ``complete()`` until its ``on_copied`` callback (the final
   round is out of the buffer; the caller may resume), after rounds that each dirty 1%
-  of the pages, against a one-shot save of the same buffer; the whole of ``complete()``
-  (bitmaps, fsync, rename) is printed beside it.
+  of the pages, for each dirty tracking mode (manual, kernel, digest), against a
+  one-shot save of the same buffer and against writing just the final round's dirty
+  pages (one pwrite each, into the cached file the earlier rounds left); the whole of
+  ``complete()`` (bitmaps, fsync, rename) is printed beside it. 1 and 4 GiB buffers
+  (``--live-gib``).
 
-    python bench/bench_mapper.py [--gib 2] [--dir DIR]
+    python bench/bench_mapper.py [--gib 2] [--dir DIR] [--only live] [--live-gib 1,4]
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ data = dense(SIZE)
 pages = data.reshape(-1, 4096)
 rng = np.random.default_rng(1)
 with SnapshotWriter(PATH, {'ram': data}, channels=CHANNELS, dirty_tracking=TRACKING) as w:
+    assert w.tracking_mode == {'ram': TRACKING}, (w.tracking_mode, w.tracking_note)
     w.save_round()
     for _ in range(3):
         dirty = rng.choice(len(pages), len(pages) // 100, replace=False)
@@ -115,6 +119,28 @@ with SnapshotWriter(PATH, {'ram': data}, channels=CHANNELS, dirty_tracking=TRACK
     w.complete(on_copied=lambda: resumed.append(time.perf_counter()))
     done = time.perf_counter()
 report(resumed[0] - t, SIZE, total=done - t)
+"""
+
+DIRTY_PAGES_ALONE = """
+data = dense(SIZE)
+pages = data.reshape(-1, 4096)
+rng = np.random.default_rng(1)
+for _ in range(4):  # the same pages as LIVE's final round
+    dirty = rng.choice(len(pages), len(pages) // 100, replace=False)
+with open(PATH, 'wb', buffering=0) as f:  # the file the earlier rounds leave: written, cached
+    view = memoryview(data)
+    done = 0
+    while done < SIZE:
+        done += f.write(view[done:])
+    os.fsync(f.fileno())  # as the writer's rounds leave it: nothing waiting for the disk
+pages[dirty, 0] += 1
+fd = os.open(PATH, os.O_WRONLY)
+t = time.perf_counter()
+for page in np.sort(dirty).tolist():
+    os.pwrite(fd, pages[page], page * 4096)
+seconds = time.perf_counter() - t
+os.close(fd)
+report(seconds, len(dirty) * 4096)
 """
 
 
@@ -166,6 +192,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to put the files (default: a temp dir)")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure; the best is printed")
     parser.add_argument("--only", choices=("restore", "save", "live"), help="run one part only")
+    parser.add_argument("--live-gib", default="1,4", help="buffer sizes of the live part, GiB (default 1,4)")
     args = parser.parse_args()
     size = int(args.gib * 2**30) // 4096 * 4096
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -228,24 +255,33 @@ def main() -> None:
                     )
 
         if args.only in (None, "live"):
-            print("live save: downtime (complete() until on_copied) with 1% of pages dirtied per round")
-            params = {"PATH": out, "PATH_OUT": out, "SIZE": size, "CHANNELS": 4}
-            res = best_of(
-                args.runs,
-                {
-                    "oneshot": (SAVE_OURS, {**params, "FSYNC": True}),
-                    "manual": (LIVE, {**params, "TRACKING": "manual"}),
-                    "digest": (LIVE, {**params, "TRACKING": "digest"}),
-                },
-            )
-            oneshot = res["oneshot"]["seconds"]
-            print(f"  {'one-shot save (4 ch, fsync)':<36} {oneshot:6.3f} s  100%")
-            for tracking in ("manual", "digest"):
-                r = res[tracking]
-                print(
-                    f"  {f'downtime, {tracking} dirty tracking':<36} {r['seconds']:6.3f} s  "
-                    f"{100 * r['seconds'] / oneshot:.1f}%   (all of complete(): {r['total']:.3f} s)"
-                )
+            for gib in (float(v) for v in args.live_gib.split(",")):
+                live(args.runs, int(gib * 2**30) // 4096 * 4096, out)
+
+
+def live(runs: int, size: int, out: str) -> None:
+    print(
+        f"live save, {size / 2**30:g} GiB: downtime (complete() until on_copied), 1% of pages "
+        f"dirtied per round (best of {runs})"
+    )
+    params = {"PATH": out, "PATH_OUT": out, "SIZE": size, "CHANNELS": 4}
+    modes = ("manual", "kernel", "digest")
+    configs = {"oneshot": (SAVE_OURS, {**params, "FSYNC": True}), "alone": (DIRTY_PAGES_ALONE, params)}
+    configs.update({mode: (LIVE, {**params, "TRACKING": mode}) for mode in modes})
+    res = best_of(runs, configs)
+    oneshot, alone = res["oneshot"]["seconds"], res["alone"]["seconds"]
+    print(f"  {'one-shot save (4 ch, fsync)':<36} {oneshot:6.3f} s  100%")
+    print(
+        f"  {'pwrite() of the dirty pages alone':<36} {alone:6.3f} s  {100 * alone / oneshot:5.1f}%"
+        f"  ({res['alone']['bytes'] // 4096} pages, one pwrite each, into the cached file)"
+    )
+    for mode in modes:
+        r = res[mode]
+        print(
+            f"  {f'downtime, {mode} dirty tracking':<36} {r['seconds']:6.3f} s  "
+            f"{100 * r['seconds'] / oneshot:5.1f}%  {r['seconds'] / alone:4.1f}x the pwrites"
+            f"   (all of complete(): {r['total']:.3f} s)"
+        )
 
 
 if __name__ == "__main__":

@@ -22,16 +22,15 @@ from typing import Any, NoReturn, Sequence
 
 from . import __version__, cli_args
 from .errors import FormatError
-from .formats.policy import policy_for
+from .formats.policy import COMPRESSED_FORMATS, Mode, policy_for
 from .formats.structs import VmDescriptionHead
-from .mapper.blocks import not_in_file
+from .mapper.blocks import MappedRamBlock, not_in_file
 from .mapper.channels import MAX_CHANNELS
-from .mapper.convert import COMPRESSORS, convert
 from .mapper.devstate import print_device_states
-from .mapper.forward import open_image
-from .mapper.physical import PhysicalView, export_elf
-from .mapper.restore import extract
+from .mapper.extract_all import DESC_NAME, MAP_NAME, STATE_NAME, extract_all
+from .mapper.prologue import CompressedImage
 from .mapper.snapshot import Snapshot
+from .mapper.stale import extract_stale
 from .mapper.verify import verify
 from .progress import ProgressBar, end_line, human
 from .textsafe import printable
@@ -67,6 +66,7 @@ examples:
   mappedram dump --json vm.sav | jq '.blocks[] | {name, pages_present}'
   mappedram verify --hash vm.sav
   mappedram extract vm.sav --block pc.ram -o pc.ram.raw
+  mappedram extract vm.sav --all -o vm.d
   mappedram convert legacy.sav vm.sav --to mapped-ram"""
 )
 SUB_EPILOG = f"{EXIT_CODES}\n\n{SIZES}"
@@ -132,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--state", action="store_true", help="print every device's fields, decoded with the VM description"
     )
     shown.add_argument("--desc", action="store_true", help="print the VM description (the JSON after EOF)")
+    shown.add_argument(
+        "--libvirt-xml",
+        action="store_true",
+        help="print the domain XML of the libvirt save header (with --json: {file, domain_xml, cookie})",
+    )
+    dump.add_argument(
+        "--stale",
+        action="store_true",
+        help="also count each mapped-ram block's stale slots (clear bit, non-zero bytes left in the slot: "
+        "old guest memory from a live save); reads the clear slots that hold data (JSON: stale_slots, "
+        "else null)",
+    )
 
     ver = sub.add_parser(
         "verify",
@@ -146,7 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Each problem is printed with its file offset.",
     )
     ver.add_argument(
-        "--hash", action="store_true", help="also print the sha256 of each block's RAM as QEMU would restore it"
+        "--hash",
+        action="store_true",
+        help="also print the sha256 of each block's RAM as QEMU would restore it (clear pages as zeros), "
+        "for blocks whose clear pages are at most 4 GiB plus 16 times the page data the file holds for them; "
+        "for the others the sparse-sha256 (the non-zero pages and their numbers), whose time follows the file",
+    )
+    ver.add_argument(
+        "--hash-zeros",
+        action="store_true",
+        help="with --hash: the sha256 of every block, whatever its clear pages cost",
     )
     ver.add_argument(
         "--json", action="store_true", help="print the report as JSON: {file, valid, problems, notes, sha256}"
@@ -160,13 +181,29 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         epilog=SUB_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="write one RAM block as a sparse raw file",
+        help="write RAM blocks as sparse raw files",
         description="Write a block's RAM to a raw file: populated pages copied, clear pages "
-        "left as holes. The output appears only when complete.",
+        "left as holes. The output appears only when complete. --all writes every block into "
+        "the directory OUT (made if missing), each as NAME.raw with the name made safe "
+        "(characters other than A-Za-z0-9._+- become _), with blocks.json (block name -> "
+        "file), desc.json (the VM description) and state.json (every device decoded, as "
+        "dump --state --json prints it). --stale writes, instead of the block's RAM, the "
+        "bytes left in the slots of its clear pages, at their page offsets: NOT the guest's "
+        "RAM at save time, but old guest memory a live save left behind (forensics).",
     )
-    ext.add_argument("--block", required=True, metavar="NAME", help="the RAM block, e.g. pc.ram")
-    ext.add_argument("-o", "--output", required=True, metavar="OUT", help="the raw file to write")
-    ext.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    which = ext.add_mutually_exclusive_group(required=True)
+    which.add_argument("--block", metavar="NAME", help="the RAM block, e.g. pc.ram")
+    which.add_argument("--all", action="store_true", help="every block, desc.json and state.json into OUT")
+    ext.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="the raw file to write (--all: the directory)"
+    )
+    ext.add_argument("--force", action="store_true", help="replace OUT (--all: the files in OUT) if it exists")
+    ext.add_argument(
+        "--stale",
+        action="store_true",
+        help="with --block: write the bytes left in the slots of clear pages (old guest memory from a live "
+        "save), NOT the guest's RAM at save time",
+    )
     ext.add_argument(
         "--progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)"
     )
@@ -185,12 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--to",
         required=True,
-        choices=("mapped-ram", "stream"),
+        choices=[m.value for m in Mode],
         help="the layout of OUT; a libvirt image stays one (mapped-ram: format sparse, stream: raw)",
     )
     conv.add_argument(
         "--compress",
-        choices=COMPRESSORS,
+        choices=COMPRESSED_FORMATS,
         help="with --to stream: compress OUT as libvirt does (its header says so); needs a libvirt image",
     )
     conv.add_argument(
@@ -285,7 +322,7 @@ def _check_page_size(args: argparse.Namespace) -> None:
         )
 
 
-def _print_dump(info: dict[str, Any]) -> None:
+def _print_dump(info: dict[str, Any], stale_counted: bool = False) -> None:
     _out(f"file:          {info['file']} ({info['size']} bytes, {human(info['size'])})")
     lv = info["libvirt"]
     if lv:
@@ -310,12 +347,16 @@ def _print_dump(info: dict[str, Any]) -> None:
     names = [printable(b["name"]) for b in info["blocks"]]  # escaped first, so the columns line up
     width = max([len(n) for n in names] + [5])
     mapped = policy_for(info["capabilities"]).block_has_mapped_ram_header
+    stale = stale_counted and mapped
     _out(
         f"  {'block':<{width}}  {'used_length':>12}  {'present':>9}/{'pages':<9}"
+        + (f"  {'stale':>7}" if stale else "")
         + (f"  {'bitmap_offset':>13}  {'pages_offset':>12}" if mapped else "")
     )
     for name, b in zip(names, info["blocks"]):
         line = f"  {name:<{width}}  {b['used_length']:>12}  {b['pages_present']:>9}/{b['pages_total']:<9}"
+        if stale:
+            line += f"  {'-' if b['stale_slots'] is None else b['stale_slots']:>7}"
         if not b["in_file"]:
             line += "  not in the file (x-ignore-shared)"
         elif mapped:
@@ -341,9 +382,9 @@ def _print_dump(info: dict[str, Any]) -> None:
     _out("vmdesc:        " + (where or "(none)"))
 
 
-def _dump_info(snap: Snapshot, sections: bool) -> dict[str, Any]:
+def _dump_info(snap: Snapshot, sections: bool, stale: bool = False) -> dict[str, Any]:
     """describe(), with every README key present (null when not walked) and the problems."""
-    info = snap.describe(sections=sections)
+    info = snap.describe(sections=sections, stale=stale)
     info.setdefault("sections", None)
     info.setdefault("eof_offset", None)
     if info["vmdesc"] is not None:
@@ -357,25 +398,56 @@ def _json_out(value: Any) -> None:
     print()
 
 
+def _open(args: argparse.Namespace) -> Snapshot:
+    """The file; a compressed libvirt image opened for its one forward pass (the module
+    that reads it imported only then)."""
+    try:
+        return Snapshot(args.file, **cli_args.open_args(args))
+    except CompressedImage:
+        from .mapper.forward import ForwardSnapshot
+
+        return ForwardSnapshot(args.file, page_size=args.page_size)
+
+
 def _cmd_dump(args: argparse.Namespace) -> int:
     if args.state or args.desc:
-        with open_image(args.file, **cli_args.open_args(args)) as snap:
+        with _open(args) as snap:
             print_device_states(snap, sys.stdout, desc=args.desc, as_json=args.json)
         return EXIT_OK
-    with open_image(args.file, **cli_args.open_args(args)) as snap:
-        info = _dump_info(snap, sections=not args.no_sections)
+    if args.libvirt_xml:
+        return _dump_libvirt_xml(args)
+    with _open(args) as snap:
+        info = _dump_info(snap, sections=not args.no_sections, stale=args.stale)
     if args.json:
         _json_out(info)
     else:
-        _print_dump(info)
+        _print_dump(info, stale_counted=args.stale)
         for p in info["problems"]:
             _out(f"warning: offset {p['offset']:#x}: {p['message']}")
     return EXIT_OK
 
 
+def _dump_libvirt_xml(args: argparse.Namespace) -> int:
+    with _open(args) as snap:
+        libvirt, problems = snap.libvirt, list(snap.problems)
+    if libvirt is None:
+        raise UsageError(f"{args.file}: no libvirt save header (LibvirtQemudSave), so no domain XML")
+    if args.json:
+        _json_out({"file": args.file, "domain_xml": libvirt.domain_xml, "cookie": libvirt.cookie})
+        return EXIT_OK
+    xml = libvirt.domain_xml.removesuffix("\n")
+    for line in xml.split("\n") if xml else []:  # only newlines end lines; printable() escapes the rest
+        _out(line)
+    for p in problems:
+        print(printable(f"mappedram: warning: offset {p.offset:#x}: {p.text}"), file=sys.stderr)
+    return EXIT_OK
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     bar = ProgressBar("hashing", args.progress) if args.hash else None
-    report = verify(args.file, hash_blocks=args.hash, progress=bar, **cli_args.open_args(args))
+    report = verify(
+        args.file, hash_blocks=args.hash, hash_zeros=args.hash_zeros, progress=bar, **cli_args.open_args(args)
+    )
     if bar:
         bar.close()
     if args.json:
@@ -385,26 +457,64 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             _out(f"{args.file}: offset {p.offset:#x} ({p.offset}): {p.text}")
         for name, digest in report.hashes.items():
             _out(f"{digest}  {name}")
+        for name, sparse in report.sparse.items():
+            if name not in report.hashes:
+                _out(
+                    f"{sparse.digest}  {name} (sparse-sha256: {sparse.nonzero_pages} non-zero of {sparse.pages} pages)"
+                )
         if report.ok:
             _out(f"{args.file}: valid" + "".join(f" ({n})" for n in report.notes))
     return EXIT_OK if report.ok else EXIT_INVALID
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    with open_image(args.file, **cli_args.open_args(args)) as snap:
+    from .mapper.restore import extract  # imported when used: dump and verify start faster
+
+    if args.all:
+        return _extract_all(args)
+    with _open(args) as snap:
         if args.block not in snap.blocks:
             raise UsageError(f"no RAM block {args.block!r} in {args.file}; blocks: {', '.join(snap.blocks)}")
         if not snap.block(args.block).in_file:  # the file is valid; what was asked is not in it
             raise UsageError(f"{args.file}: {not_in_file(snap.block(args.block))}")
+        block = snap.block(args.block)
+        if args.stale:
+            if not isinstance(block, MappedRamBlock):
+                raise UsageError(f"{args.file}: stale slots exist only in mapped-ram files; this is a classic stream")
+            bar = ProgressBar(f"extract stale slots of {args.block}", args.progress)
+            slots, written = extract_stale(snap, args.block, args.output, overwrite=args.force, progress=bar)
+            bar.close()
+            _out(
+                f"{args.output}: {block.used_length} bytes, {slots} stale slots ({written} bytes) at their page "
+                "offsets: old bytes left in clear slots, NOT the guest's RAM at save time"
+            )
+            return EXIT_OK
         bar = ProgressBar(f"extract {args.block}", args.progress)
         copied = extract(snap, args.block, args.output, overwrite=args.force, progress=bar)
         bar.close()
-        block = snap.block(args.block)
     _out(f"{args.output}: {block.used_length} bytes, {copied} copied from {block.populated} populated pages")
     return EXIT_OK
 
 
+def _extract_all(args: argparse.Namespace) -> int:
+    if args.stale:
+        raise UsageError("--stale takes one --block, not --all")
+    with _open(args) as snap:
+        bar = ProgressBar("extract all blocks", args.progress)
+        summary = extract_all(snap, args.output, overwrite=args.force, progress=bar)
+        bar.close()
+    for name, entry in summary["blocks"].items():
+        where = os.path.join(args.output, entry["path"]) if entry["path"] else "not in the file (x-ignore-shared)"
+        _out(f"{name}: {where}")
+    if summary["desc"] is None:
+        _out(f"{args.output}: no VM description in the file: {DESC_NAME} and {STATE_NAME} not written")
+    _out(f"{args.output}: {len(summary['blocks'])} blocks, map in {os.path.join(args.output, MAP_NAME)}")
+    return EXIT_OK
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from .mapper.convert import convert
+
     if args.compress and args.to != "stream":
         raise UsageError("--compress goes with --to stream (libvirt compresses only classic streams)")
     bar = ProgressBar(f"convert to {args.to}", args.progress)
@@ -428,10 +538,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_elf(args: argparse.Namespace) -> int:
+    from .mapper.physical import PhysicalView, export_elf
+
     extra = dict(args.map)
     if len(extra) < len(args.map):
         raise UsageError("--map names a block twice")
-    with open_image(args.file, **cli_args.open_args(args)) as snap:
+    with _open(args) as snap:
         try:
             view = PhysicalView(snap, below_4g_size=args.below_4g, extra=extra)
         except (KeyError, ValueError) as err:

@@ -10,6 +10,8 @@ import numpy as np
 
 import mappedram
 from mappedram.formats import structs as S
+from mappedram.formats.constants import RamFlag
+from mappedram.mapper.convert import to_stream
 from mappedram.mapper.writer import SnapshotWriter
 
 PAGE = 4096
@@ -78,3 +80,19 @@ def truncate_copy(src: Path, dest: Path, length: int) -> Path:
             remaining -= len(chunk)
         fout.truncate()
     return dest
+
+
+def stream_claiming(directory: Path, claim: int, pages: np.ndarray | None = None) -> Path:
+    """A classic stream holding ``pages`` (four patterned ones by default) whose block
+    pc.ram claims ``claim`` bytes: a stream's RAM size is not bounded by its file."""
+    pages = pattern_block(4) if pages is None else pages
+    small = write_snapshot(directory / "claim-source.sav", {"pc.ram": pages})
+    legacy = directory / "claims.sav"
+    with mappedram.open(small) as snap:
+        to_stream(snap, legacy)
+    mem_size = section(legacy, "start", "ram").payload_offset  # the RAM section opens with MEM_SIZE
+    with mappedram.open(legacy) as snap:
+        entry = snap.block("pc.ram").entry_offset
+    patch(legacy, mem_size, S.RamWord.build(claim | RamFlag.MEM_SIZE))
+    patch(legacy, entry + 1 + len("pc.ram"), S.RamWord.build(claim))
+    return legacy

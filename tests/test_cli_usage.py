@@ -9,15 +9,14 @@ import subprocess
 import sys
 
 import pytest
-from craft import PAGE, patch, pattern_block, write_snapshot
+from craft import PAGE, patch, pattern_block, stream_claiming, write_snapshot
 
 import mappedram
 import mappedram.cli as cli
 from mappedram import progress
 from mappedram.cli import main
 from mappedram.cli_args import parse_size
-from mappedram.formats import structs as S
-from mappedram.formats.constants import RamFlag
+from mappedram.mapper import restore
 from mappedram.mapper.convert import to_stream
 from mappedram.progress import ProgressBar, end_line, human
 from mappedram.textsafe import printable
@@ -97,16 +96,10 @@ def test_map_past_the_64_bit_address_space(capsys, paused_mr, tmp_path):
 
 
 def test_block_claiming_to_end_past_2_64_is_the_files_fault(capsys, tmp_path):
-    one = write_snapshot(tmp_path / "one.sav", {"pc.ram": pattern_block(4)})
-    legacy = tmp_path / "legacy.sav"  # a classic stream may claim RAM it does not hold
-    with mappedram.open(one) as snap:
-        to_stream(snap, legacy)
+    claim = (1 << 64) - (1 << 20)
+    legacy = stream_claiming(tmp_path, claim)  # a classic stream may claim RAM it does not hold
     with mappedram.open(legacy) as snap:
         entry = snap.block("pc.ram").entry_offset
-        mem_size_at = snap.ram_section_offset + 1 + 4 + 1 + 3 + 8
-    claim = (1 << 64) - (1 << 20)
-    patch(legacy, mem_size_at, S.RamWord.build(claim | RamFlag.MEM_SIZE))
-    patch(legacy, entry + 1 + len("pc.ram"), S.RamWord.build(claim))
     assert main(["export-elf", str(legacy), "-o", str(tmp_path / "core"), "--below-4g", "1M"]) == 1
     assert capsys.readouterr().err == (
         f"mappedram: {legacy}: offset {entry:#x} ({entry}): expected 'pc.ram' to fit below 2^64 from 0x100000000, "
@@ -263,7 +256,7 @@ def test_interrupt_ends_the_progress_line(capsys, small, tmp_path, monkeypatch):
         progress(PAGE, 8 * PAGE)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "extract", interrupted)
+    monkeypatch.setattr(restore, "extract", interrupted)  # the command imports it when it runs
     argv = ["extract", str(small), "--block", "pc.ram", "-o", str(tmp_path / "o"), "--progress"]
     assert main(argv) == 130
     err = capsys.readouterr().err

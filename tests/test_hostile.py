@@ -6,14 +6,13 @@ import os
 import tracemalloc
 
 import pytest
-from craft import block_info, patch, pattern_block, write_snapshot
+from craft import block_info, patch, pattern_block, stream_claiming, write_snapshot
 from fuzz_harness import CORPUS, exercise, make_seeds, run
 
 import mappedram
 from mappedram import FormatError
 from mappedram.formats import structs as S
 from mappedram.formats.constants import RamFlag
-from mappedram.mapper.convert import to_stream
 from mappedram.mapper.encoder import StreamEncoder
 
 
@@ -72,15 +71,7 @@ def test_mapped_ram_block_claiming_2_60_bytes(tmp_path):
 def test_stream_claiming_2_60_bytes_allocates_nothing(tmp_path, paused_mr):
     """A classic stream may hold few pages of a huge guest: opening it must not allocate
     for the claimed size, and reading the block is refused clearly."""
-    small = write_snapshot(tmp_path / "small.sav", {"pc.ram": pattern_block(4)})
-    legacy = tmp_path / "legacy.sav"
-    with mappedram.open(small) as snap:
-        to_stream(snap, legacy)
-    with mappedram.open(legacy) as snap:
-        entry = snap.block("pc.ram").entry_offset
-        mem_size_at = snap.ram_section_offset + 1 + 4 + 1 + 3 + 8
-    patch(legacy, mem_size_at, S.RamWord.build((1 << 60) | RamFlag.MEM_SIZE))
-    patch(legacy, entry + 1 + len("pc.ram"), S.RamWord.build(1 << 60))
+    legacy = stream_claiming(tmp_path, 1 << 60)
 
     def walk():
         with mappedram.open(legacy) as snap:

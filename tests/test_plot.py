@@ -9,13 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, fixture_file
-from craft import patch, pattern_block, write_snapshot
+from craft import pattern_block, stream_claiming, write_snapshot
 
 import mappedram
 from mappedram.cli import main
 from mappedram.formats import structs as S
-from mappedram.formats.constants import RamFlag
-from mappedram.mapper.convert import to_stream
 from mappedram.visual.layout import KINDS, cell_grid, cells_from_pages, layout, population
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -179,16 +177,7 @@ def test_readme_pictures_are_small_pngs():
 def _stream_claiming_2_60_bytes(tmp_path: Path) -> Path:
     """A classic stream of 4 pages whose block claims 2**60 bytes (a stream's RAM size is
     not bounded by its file)."""
-    small = write_snapshot(tmp_path / "small.sav", {"pc.ram": pattern_block(4)})
-    legacy = tmp_path / "claims.sav"
-    with mappedram.open(small) as snap:
-        to_stream(snap, legacy)
-    with mappedram.open(legacy) as snap:
-        entry = snap.block("pc.ram").entry_offset
-        mem_size_at = snap.ram_section_offset + 1 + 4 + 1 + 3 + 8
-    patch(legacy, mem_size_at, S.RamWord.build((1 << 60) | RamFlag.MEM_SIZE))
-    patch(legacy, entry + 1 + len("pc.ram"), S.RamWord.build(1 << 60))
-    return legacy
+    return stream_claiming(tmp_path, 1 << 60)
 
 
 def test_population_of_a_huge_claim_allocates_little(tmp_path):

@@ -180,6 +180,7 @@ SAVE_FORMATS: Mapping[str, SaveFormat] = {
     f.name.lower(): SaveFormat(f.name.lower(), _COMPRESSOR_MAGIC.get(f), f == LibvirtFormat.SPARSE)
     for f in LibvirtFormat
 }
+COMPRESSED_FORMATS = tuple(f.name for f in SAVE_FORMATS.values() if f.magic is not None)  # convert --compress
 
 
 def libvirt_format_problem(name: str) -> str | None:

@@ -30,7 +30,7 @@ from ..formats import structs as S
 from ..formats.bitmap import LITTLE_ENDIAN_64, BitmapLayout
 from ..formats.constants import CAP_MAPPED_RAM, MAPPED_RAM_ALIGNMENT, QEVM_MAGIC, RamFlag
 from ..formats.layout import BlockPlace
-from ..formats.policy import SAVE_FORMATS
+from ..formats.policy import COMPRESSED_FORMATS
 from .blocks import RamBlock, check_claim, read_exact
 from .channels import pwrite_all
 from .copy_plan import copy_range
@@ -43,7 +43,6 @@ Progress = Callable[[int, int], None]
 PIECE_BYTES = 1 << 20  # the most read at a time when streaming a block's pages (cache-sized)
 COPY_RANGE_BYTES = 1 << 20  # extents at least this long are copied kernel-side
 TARGETS = ("mapped-ram", "stream")
-COMPRESSORS = tuple(f.name for f in SAVE_FORMATS.values() if f.magic is not None)  # what libvirt compresses with
 
 
 def _check_page_sizes(src: Snapshot) -> None:
@@ -228,6 +227,16 @@ class _RecordWriter:
         self.out.write(self.comp.page_record(None if block.name == self.last else block.name, page, None))
         self.last = block.name
 
+    def run(self, block: RamBlock, pages: np.ndarray, rows: np.ndarray) -> None:
+        if block.name != self.last:
+            self.page(block, int(pages[0]), memoryview(rows[0]))
+            pages, rows = pages[1:], rows[1:]
+        records = np.empty((len(pages), 8 + block.page_size), dtype=np.uint8)
+        words = pages.astype(np.uint64) * np.uint64(block.page_size) | np.uint64(_CONTINUE_PAGE)
+        records[:, :8] = words.astype(">u8").view(np.uint8).reshape(-1, 8)
+        records[:, 8:] = rows
+        self.out.write(records.data)
+
 
 def _stored_records(block: RamBlock) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """The pages the file holds for ``block``, PIECE_BYTES at a time, read straight into
@@ -297,8 +306,8 @@ def to_stream(
     are streamed in bounded pieces, whatever RAM size the source claims. ``compress``
     (gzip, bzip2, xz, lzop, zstd): a libvirt image compressed as libvirt writes it."""
     _check_page_sizes(src)
-    if compress is not None and compress not in COMPRESSORS:
-        raise ValueError(f"compress with one of {', '.join(COMPRESSORS)}, not {compress!r}")
+    if compress is not None and compress not in COMPRESSED_FORMATS:
+        raise ValueError(f"compress with one of {', '.join(COMPRESSED_FORMATS)}, not {compress!r}")
     if compress is not None and src.libvirt is None:
         raise ValueError(f"--compress {compress} makes a libvirt image: the input has no libvirt header to keep")
     prefix = libvirt_prefix(src, compress or "raw")

@@ -384,19 +384,23 @@ def print_device_states(snap: Any, out: TextIO, *, desc: bool = False, as_json: 
         json.dump(vmdesc, out, indent=2)
         out.write("\n")
         return
-    config = configuration_state(snap)
-    states = all_device_states(snap)
     if as_json:
-        info = {
-            "file": snap.path,
-            "configuration": config.describe() if config else None,
-            "devices": [s.describe() for s in states],
-        }
-        json.dump(info, out, indent=2)
+        json.dump(states_info(snap), out, indent=2)
         out.write("\n")
     else:
-        for line in format_states(([config] if config else []) + states):
+        config = configuration_state(snap)
+        for line in format_states(([config] if config else []) + all_device_states(snap)):
             out.write(line + "\n")
+
+
+def states_info(snap: Any) -> dict[str, Any]:
+    """The JSON form of ``dump --state --json`` (and extract --all's state.json)."""
+    config = configuration_state(snap)
+    return {
+        "file": snap.path,
+        "configuration": config.describe() if config else None,
+        "devices": [s.describe() for s in all_device_states(snap)],
+    }
 
 
 _HEX_LINE = 32

@@ -47,6 +47,7 @@ __all__ = ["ForwardSnapshot", "PageConsumer", "open_image"]
 
 DEVICE_STATE_LIMIT = 256 << 20  # bytes of one non-RAM section kept for convert
 _RAM_NAME = RAM_IDSTR.encode()
+_WORD = S.RamWord.sizeof()  # the RAM word in front of each record
 
 
 class PageConsumer(Protocol):
@@ -59,6 +60,16 @@ class PageConsumer(Protocol):
     def zero(self, block: RamBlock, page: int) -> None:
         """A ZERO record for a page that held data before (a first ZERO record is not
         delivered: the page is zero already)."""
+
+    def run(self, block: RamBlock, pages: np.ndarray, rows: np.ndarray) -> None:
+        """PAGE records of ``pages`` in a row (the record loop's numpy runs): ``rows`` is
+        a (len(pages), page size) view of their data, valid only during the call."""
+
+
+def _segments(pages: np.ndarray) -> list[tuple[int, int]]:
+    """[i, j) index ranges of ``pages`` that are consecutive page numbers."""
+    cuts = (np.flatnonzero(np.diff(pages) != 1) + 1).tolist()
+    return list(zip([0, *cuts], [*cuts, len(pages)]))
 
 
 class PageBits:
@@ -77,6 +88,15 @@ class PageBits:
         if chunk is None:
             chunk = self._chunks[page >> self.CHUNK_SHIFT] = bytearray(self.CHUNK_PAGES // 8)
         chunk[(page >> 3) & (self.CHUNK_PAGES // 8 - 1)] |= 1 << (page & 7)
+
+    def set_many(self, pages: np.ndarray) -> None:
+        """Set the bits of ``pages`` (numbers, any order)."""
+        for key in np.unique(pages >> self.CHUNK_SHIFT).tolist():
+            chunk = self._chunks.get(key)
+            if chunk is None:
+                chunk = self._chunks[key] = bytearray(self.CHUNK_PAGES // 8)
+            within = pages[(pages >> self.CHUNK_SHIFT) == key] & (self.CHUNK_PAGES - 1)
+            np.bitwise_or.at(np.frombuffer(chunk, dtype=np.uint8), within >> 3, (1 << (within & 7)).astype(np.uint8))
 
     def clear(self, page: int) -> bool:
         """Clear ``page``'s bit; whether it was set."""
@@ -99,29 +119,20 @@ class PageBits:
             yield first, bits[: max(0, min(self.CHUNK_PAGES, self.num_pages - first))].astype(bool)
 
 
-class _PageNumbers:
-    """What the record loop appends page numbers to: the feed keeps the last one."""
-
-    __slots__ = ("feed",)
-
-    def __init__(self, feed: "PageFeed") -> None:
-        self.feed = feed
-
-    def append(self, page: int) -> None:
-        self.feed.page_no = page
-
-
-class _PageOffsets:
-    """What the record loop appends data offsets to (-1: a ZERO record): the record is
-    handed on while its data is still in the cursor's window."""
+class _FeedLog:
+    """What the record loop logs one block's records to (ram_section's RunLog interface):
+    each record, or run of records, is handed on while its data is in the cursor's window."""
 
     __slots__ = ("feed", "block")
 
     def __init__(self, feed: "PageFeed", block: "ForwardRamBlock") -> None:
         self.feed, self.block = feed, block
 
-    def append(self, pos: int) -> None:
-        self.feed.record(self.block, pos)
+    def add(self, page: int, offset: int) -> None:
+        self.feed.record(self.block, page, offset)
+
+    def add_run(self, pages: np.ndarray, data_offset: int | None) -> None:
+        self.feed.run(self.block, pages, data_offset)
 
 
 class PageFeed:
@@ -133,15 +144,29 @@ class PageFeed:
         self.complete = complete  # walks to the end of the stream
         self.consumer: PageConsumer | None = None
         self.records = 0  # records seen without a consumer
-        self.page_no = 0
         self.blocks: dict[str, ForwardRamBlock] = {}
 
-    def log(self, name: str) -> tuple[_PageNumbers, _PageOffsets]:
-        block = self.blocks[name]
-        return _PageNumbers(self), _PageOffsets(self, block)
+    def log(self, name: str, page_size: int) -> _FeedLog:
+        return _FeedLog(self, self.blocks[name])
 
-    def record(self, block: "ForwardRamBlock", pos: int) -> None:
-        page, consumer = self.page_no, self.consumer
+    def run(self, block: "ForwardRamBlock", pages: np.ndarray, data_offset: int | None) -> None:
+        """Records of ``pages`` one record apart (ZERO records when ``data_offset`` is None)."""
+        if data_offset is None or self.consumer is None or not hasattr(self.consumer, "run"):
+            stride = _WORD + block.page_size
+            for i, page in enumerate(pages.tolist()):
+                self.record(block, page, -1 if data_offset is None else data_offset + i * stride)
+            return
+        size, stride = block.page_size, _WORD + block.page_size
+        span = (len(pages) - 1) * stride + size
+        view = self.cursor.view(data_offset, span)
+        if len(view) < span:
+            raise FormatError(data_offset, f"{span} bytes of page records", "the end of the stream")
+        rows = np.ndarray((len(pages), size), dtype=np.uint8, buffer=view, strides=(stride, 1))
+        block.bits.set_many(pages)
+        self.consumer.run(block, pages, rows)
+
+    def record(self, block: "ForwardRamBlock", page: int, pos: int) -> None:
+        consumer = self.consumer
         if consumer is None:
             self.records += 1
         if pos < 0:
@@ -311,14 +336,14 @@ class ForwardSnapshot(Snapshot):
             self.size: int = self._src.size
             self.bitmap_layout = LITTLE_ENDIAN_64
             self.problems: list[Problem] = []
-            header, compressor = (None, None) if offset is not None else read_libvirt(self._src.cursor(0))
+            header, cut, compressor = (None, [], None) if offset is not None else read_libvirt(self._src.cursor(0))
             self.compressor: str | None = compressor
             if header is not None and compressor is not None:
                 from .compression import Decompressed  # noqa: PLC0415 - only compressed images need it
 
                 self._stream = Decompressed(self._src.fd, header.stream_start, self.size, compressor, progress)
                 cursor = Cursor(self._stream.fetch, UNKNOWN_SIZE, header.stream_start, device_state_limit)
-                self.prologue = read_stream_prologue(cursor, header)
+                self.prologue = read_stream_prologue(cursor, header, cut)
             else:
                 cursor = Cursor(_reporting(self._src, progress), self.size, offset or 0, device_state_limit)
                 self.prologue = read_prologue(cursor, explicit_start=offset is not None)
@@ -496,6 +521,14 @@ class _BufferFill:
             at = page * block.page_size
             view[at : at + block.page_size] = bytes(block.page_size)
 
+    def run(self, block: RamBlock, pages: np.ndarray, rows: np.ndarray) -> None:
+        view = self.views.get(block.name)
+        if view is not None:
+            ps = block.page_size
+            target = np.frombuffer(view, dtype=np.uint8)[: block.num_pages * ps].reshape(-1, ps)
+            target[pages] = rows  # in order: a page given twice keeps its later data
+            self.copied += rows.nbytes
+
 
 Locate = Callable[[RamBlock, int], int | None]  # (block, page) -> file offset, or None: not written
 
@@ -532,6 +565,18 @@ class FileWriter:
             self._at = at
         self._views.append(data)
         self._end = at + len(data)
+
+    def run(self, block: RamBlock, pages: np.ndarray, rows: np.ndarray) -> None:
+        base = self.bases.get(block.name)
+        if base is None:
+            for i, page in enumerate(pages.tolist()):
+                self.page(block, page, memoryview(rows[i]))
+            return
+        self.flush()
+        for i, j in _segments(pages):
+            for k in range(i, j, self.BATCH):
+                piece = np.ascontiguousarray(rows[k : min(j, k + self.BATCH)]).reshape(-1)
+                pwrite_all(self.fd, memoryview(piece), base + int(pages[k]) * block.page_size)
 
     def zero(self, block: RamBlock, page: int) -> None:
         at = self._offset(block, page)
@@ -636,6 +681,19 @@ class InOrderHashes:
         st = self.state.get(block.name)
         if st is not None and st.out_of_order is None:
             st.out_of_order = (page, st.next_page)  # a page that held data is zero again
+
+    def run(self, block: RamBlock, pages: np.ndarray, rows: np.ndarray) -> None:
+        back = np.flatnonzero(np.diff(pages) <= 0)
+        if len(back):  # a page again, or one before: hashed up to there, then unavailable
+            self.run(block, pages[: back[0] + 1], rows[: back[0] + 1])
+            self.page(block, int(pages[back[0] + 1]), memoryview(rows[back[0] + 1]))
+            return
+        for i, j in _segments(pages):
+            st = self._advance(block, int(pages[i]))
+            if st is None:
+                return
+            st.digest.update(np.ascontiguousarray(rows[i:j]))
+            st.next_page = int(pages[j - 1]) + 1
 
     def results(self, blocks: Mapping[str, RamBlock]) -> tuple[dict[str, str], list[str]]:
         """(block -> hex digest, notes for the blocks without one); pads to the end."""

@@ -6,7 +6,7 @@ Read forward through a cursor, so a forward-only source serves it too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import FormatError
 from ..formats import structs as S
@@ -27,6 +27,10 @@ from .elements import Problem
 from .source import Cursor
 
 STREAM_PROBE_LIMIT = 1 << 20
+# The domain XML and the cookie are read up to their NUL, at most this much each: a
+# hostile data_len (up to 4 GiB) costs no more. libvirt's own XML is a few KiB.
+XML_READ_LIMIT = 16 << 20
+_XML_PIECE = 64 << 10
 _MAGIC = len(LIBVIRT_MAGIC_DONE)
 _LIBVIRT_FIELDS = field_offsets(S.LibvirtHeaderLE)  # where problems in its fields are reported
 LIBVIRT_FORMAT_AT = _LIBVIRT_FIELDS["format"]
@@ -43,6 +47,8 @@ class LibvirtHeader:
     was_running: int
     format: str
     cookie_offset: int
+    domain_xml: str = ""  # the data area's XML up to its NUL (at most XML_READ_LIMIT bytes read)
+    cookie: str | None = None  # the cookie up to its NUL; None when cookie_offset is 0
 
     @property
     def stream_start(self) -> int:
@@ -87,15 +93,15 @@ def read_prologue(cursor: Cursor, explicit_start: bool) -> Prologue:
     """Read from ``cursor.pos``: the stream's start when ``explicit_start``, else the file's
     start (a libvirt header, or the first QEVM magic in the first MiB). Leaves the cursor
     on the first section. A compressed libvirt image raises CompressedImage."""
-    libvirt = None if explicit_start else _libvirt_header(cursor)
+    libvirt, cut = (None, []) if explicit_start else _libvirt_header(cursor)
     if libvirt is not None and (compressor := _compressor(cursor, libvirt)):
         raise CompressedImage(libvirt, compressor)
     if not explicit_start and libvirt is None:
         _probe_stream_start(cursor)
-    return read_stream_prologue(cursor, libvirt)
+    return read_stream_prologue(cursor, libvirt, cut)
 
 
-def read_stream_prologue(cursor: Cursor, libvirt: LibvirtHeader | None) -> Prologue:
+def read_stream_prologue(cursor: Cursor, libvirt: LibvirtHeader | None, cut: list[Problem]) -> Prologue:
     """The QEVM header and the configuration from ``cursor.pos`` (behind ``libvirt``, if
     any: a decompressed stream's cursor starts where the raw image's stream would)."""
     stream_start = cursor.pos
@@ -106,7 +112,7 @@ def read_stream_prologue(cursor: Cursor, libvirt: LibvirtHeader | None) -> Prolo
     configuration = Configuration()
     if cursor.byte("the configuration section or a section") == SectionType.CONFIGURATION:
         configuration = _configuration(cursor)
-    problems = [] if libvirt is None else _libvirt_problems(libvirt)
+    problems = [] if libvirt is None else _libvirt_problems(libvirt) + cut
     return Prologue(libvirt, stream_start, header.version, configuration, tuple(problems))
 
 
@@ -122,12 +128,13 @@ def _libvirt_problems(libvirt: LibvirtHeader) -> list[Problem]:
     return problems
 
 
-def _libvirt_header(cursor: Cursor) -> LibvirtHeader | None:
+def _libvirt_header(cursor: Cursor) -> tuple[LibvirtHeader | None, list[Problem]]:
+    """The header with its XML and cookie, and a problem if they were cut."""
     if cursor.size < _MAGIC:
-        return None
+        return None, []
     buf, _ = cursor.window(cursor.pos, _MAGIC)
     if buf[:_MAGIC] not in (LIBVIRT_MAGIC_DONE, LIBVIRT_MAGIC_PARTIAL):
-        return None
+        return None, []
     raw_bytes = cursor.read(S.LIBVIRT_HEADER_SIZE, "the libvirt save header")
     raw = S.LibvirtHeaderLE.parse(raw_bytes)
     byteorder = "little"
@@ -152,8 +159,9 @@ def _libvirt_header(cursor: Cursor) -> LibvirtHeader | None:
             "the QEMU stream behind the libvirt header (92 + data_len) (8 bytes) inside the file",
             f"the file ends at {cursor.size:#x}",
         )
+    header, cut = _data_area(cursor, header)
     cursor.skip_to(start, "the libvirt header's data")
-    return header
+    return header, cut
 
 
 def _compressor(cursor: Cursor, header: LibvirtHeader) -> str | None:
@@ -163,11 +171,54 @@ def _compressor(cursor: Cursor, header: LibvirtHeader) -> str | None:
     return compressed_image(header.format, buf[start - base : start - base + 16])
 
 
-def read_libvirt(cursor: Cursor) -> tuple[LibvirtHeader | None, str | None]:
-    """The libvirt header at the cursor (or None) and the compressor of the stream behind
-    it (or None); leaves the cursor at the stream's start."""
-    header = _libvirt_header(cursor)
-    return header, None if header is None else _compressor(cursor, header)
+def read_libvirt(cursor: Cursor) -> tuple[LibvirtHeader | None, list[Problem], str | None]:
+    """The libvirt header at the cursor (or None), a problem if its XML or cookie was cut,
+    and the compressor of the stream behind it (or None); leaves the cursor at the
+    stream's start."""
+    header, cut = _libvirt_header(cursor)
+    return header, cut, None if header is None else _compressor(cursor, header)
+
+
+def _data_area(cursor: Cursor, header: LibvirtHeader) -> tuple[LibvirtHeader, list[Problem]]:
+    """The domain XML and the cookie from the data area behind the 92-byte header: the
+    XML is cookie_offset bytes (all of data_len without a cookie), the cookie the rest,
+    each NUL-terminated and padded with zeros (libvirt's qemuSaveImageReadHeader)."""
+    data = S.LIBVIRT_HEADER_SIZE
+    has_cookie = 0 < header.cookie_offset <= header.data_len
+    xml_len = header.cookie_offset if has_cookie else header.data_len
+    xml, xml_cut = _nul_string(cursor, data, xml_len, "the libvirt domain XML")
+    cookie: str | None = None
+    cookie_cut = False
+    if has_cookie:
+        cookie, cookie_cut = _nul_string(
+            cursor, data + header.cookie_offset, header.data_len - header.cookie_offset, "the libvirt cookie"
+        )
+    problems = []
+    if xml_cut or cookie_cut:
+        problems.append(
+            Problem(
+                data,
+                f"expected the libvirt domain XML and cookie to end (a NUL) within {XML_READ_LIMIT >> 20} MiB "
+                "each, found a longer one; it is shown cut there",
+            )
+        )
+    return replace(header, domain_xml=xml, cookie=cookie), problems
+
+
+def _nul_string(cursor: Cursor, offset: int, length: int, what: str) -> tuple[str, bool]:
+    """The text in [offset, offset + length) up to its first NUL, read in pieces and at
+    most XML_READ_LIMIT bytes; and whether it was cut there."""
+    cursor.skip_to(offset, what)
+    limit = min(length, XML_READ_LIMIT)
+    text = bytearray()
+    while len(text) < limit:
+        piece = cursor.read(min(_XML_PIECE, limit - len(text)), what)
+        end = piece.find(0)
+        if end >= 0:
+            text += piece[:end]
+            return text.decode("utf-8", "replace"), False
+        text += piece
+    return text.decode("utf-8", "replace"), length > XML_READ_LIMIT
 
 
 def _probe_stream_start(cursor: Cursor) -> None:

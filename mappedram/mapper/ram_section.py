@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from abc import ABC, abstractmethod
 from array import array
-from typing import Any, Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -26,37 +26,163 @@ from .elements import Problem
 from .source import Cursor, Source
 
 _WORD = S.RamWord.sizeof()
+# RAM blocks read at most. QEMU machines have dozens (RAM, ROMs, video RAM); memory
+# hotplug adds at most 256 DIMM slots (ACPI) and one block per virtio-mem device. A block
+# costs this process about 2 KiB, its entry in the file 40 bytes: the cap keeps a file of
+# empty blocks within twice its size plus 32 MiB.
+MAX_BLOCKS = 1 << 13
+# A block entry (structs.RamBlockEntry) read with struct: u8 idlen, idstr, be64
+# used_length, [be64 addr], [MappedRamHeader]; construct costs ~50 us an entry.
+_U64 = struct.Struct(">Q")
+_MAPPED_RAM_HEADER = struct.Struct(">IQQQ")  # version, page_size, bitmap_offset, pages_offset
+assert _MAPPED_RAM_HEADER.size == S.MAPPED_RAM_HEADER_SIZE
 _RECORD_HEAD = _WORD + 1 + 255 + 1  # a word, a block name, a zero page's fill byte
 _PAGE_OR_ZERO = RamFlag.PAGE | RamFlag.ZERO
+_MIN_RUN = 16  # records a numpy run must hold to be worth its set-up
 _KNOWN_FLAGS = int(sum(RamFlag))
+
+
+class MappedRamHeader(NamedTuple):
+    version: int
+    page_size: int
+    bitmap_offset: int
+    pages_offset: int
+
+
+class BlockEntry(NamedTuple):
+    """One entry of the block list, as structs.RamBlockEntry parses it."""
+
+    idstr: str
+    used_length: int
+    addr: int | None
+    mapped_ram: MappedRamHeader | None
+
+
+def _take(cursor: Cursor, start: int, length: int, what: str) -> bytes:
+    """The next ``length`` bytes of an entry that began at ``start``."""
+    if cursor.pos + length > cursor.size:
+        raise FormatError(start, what, f"the end of the file at {cursor.size:#x}")
+    return cursor.read(length, what)
+
+
+class RunLog:
+    """One block's records in stream order, as runs: ``count`` pages from ``first``, each
+    record's data ``stride`` bytes after the one before from ``offset`` (-1: ZERO
+    records). Consecutive CONTINUE records of consecutive pages, the bulk of a stream,
+    make one run: 24 bytes per run, not per page."""
+
+    def __init__(self, stride: int) -> None:
+        self.stride = stride
+        self.first, self.count, self.offset = array("q"), array("q"), array("q")
+
+    def add(self, page: int, offset: int) -> None:
+        """One record: page ``page`` with its data at ``offset`` (-1 for ZERO)."""
+        first, count, at = self.first, self.count, self.offset
+        if count:
+            n = count[-1]
+            if first[-1] + n == page and (at[-1] < 0 if offset < 0 else at[-1] + n * self.stride == offset):
+                count[-1] = n + 1
+                return
+            if offset < 0 and at[-1] < 0 and first[-1] <= page < first[-1] + n:
+                return  # zeroed again: the last run already zeroes it
+        first.append(page)
+        count.append(1)
+        at.append(offset)
+
+    def add_run(self, pages: np.ndarray, data_offset: int | None) -> None:
+        """Records of ``pages`` one stride apart, the first one's data at ``data_offset``
+        (None for ZERO records): split where the pages are not consecutive."""
+        if data_offset is None:
+            pages = pages[np.concatenate(([True], np.diff(pages) != 0))]  # zeroed again: once
+        starts = np.flatnonzero(np.diff(pages) != 1) + 1
+        firsts = pages[np.concatenate(([0], starts))]
+        counts = np.diff(np.concatenate(([0], starts, [len(pages)])))
+        if data_offset is None:
+            offsets = np.full(len(firsts), -1, dtype=np.int64)
+        else:
+            offsets = np.concatenate(([0], starts)) * self.stride + data_offset
+        first, count, at = self.first, self.count, self.offset
+        head, head_at = int(firsts[0]), int(offsets[0])
+        if (
+            count
+            and first[-1] + count[-1] == head
+            and (at[-1] < 0 if head_at < 0 else at[-1] >= 0 and at[-1] + count[-1] * self.stride == head_at)
+        ):
+            count[-1] += int(counts[0])  # the first piece extends the last run
+            firsts, counts, offsets = firsts[1:], counts[1:], offsets[1:]
+        first.frombytes(firsts.astype(np.int64).tobytes())
+        count.frombytes(counts.astype(np.int64).tobytes())
+        at.frombytes(offsets.astype(np.int64).tobytes())
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(np.frombuffer(a, dtype=np.int64) for a in (self.first, self.count, self.offset))  # type: ignore[return-value]
 
 
 class PageIndex:
     """Where a classic stream's pages are, built by the walker as it passes the records.
 
-    Per block two int64 arrays in stream order: page numbers, and the file offset of the
-    page's data (-1 for a ZERO record): 16 bytes a record, no Python object per page.
-    A block asks for its index through ``pages(name)``, which first lets the walk reach
-    EOF (``complete``), then keeps the last record of each page that holds data.
+    Per block a RunLog. A block asks through ``pages(name)``, which first lets the walk
+    reach EOF (``complete``), then keeps the last record of each page that holds data
+    (16 bytes per page, made on use), or through ``count(name)``, which needs no per-page
+    arrays when no page has two records (a paused save).
     """
 
     def __init__(self, complete: Callable[[], None]) -> None:
         self._complete = complete
-        self._records: dict[str, tuple[array, array]] = {}
+        self._records: dict[str, RunLog] = {}
 
-    def log(self, name: str) -> tuple[array, array]:
-        """The arrays the walker appends ``name``'s records to."""
-        return self._records.setdefault(name, (array("q"), array("q")))
+    def log(self, name: str, page_size: int) -> RunLog:
+        """The log the walker adds ``name``'s records to."""
+        if name not in self._records:
+            self._records[name] = RunLog(_WORD + page_size)  # one CONTINUE|PAGE record's data to the next
+        return self._records[name]
+
+    def _runs(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        self._complete()
+        log = self._records.get(name) or RunLog(0)
+        return (*log.arrays(), log.stride)
+
+    def count(self, name: str) -> int:
+        """Pages of ``name`` whose last record holds data."""
+        firsts, counts, offsets, _ = self._runs(name)
+        if np.all(firsts[1:] >= firsts[:-1] + counts[:-1]):  # in page order, each page once
+            return int(counts[offsets >= 0].sum())
+        return len(self.pages(name)[0])
 
     def pages(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(page numbers, file offsets) of the pages the stream holds, sorted by page."""
-        self._complete()
-        pages_log, offsets_log = self._records.get(name, (array("q"), array("q")))
-        pages = np.frombuffer(pages_log, dtype=np.int64)
-        offsets = np.frombuffer(offsets_log, dtype=np.int64)
+        firsts, counts, offsets, stride = self._runs(name)
+        within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        pages = np.repeat(firsts, counts) + within
+        run_offsets = np.repeat(offsets, counts)
+        offsets = np.where(run_offsets >= 0, run_offsets + within * stride, -1)
         last = len(pages) - 1 - np.unique(pages[::-1], return_index=True)[1]  # sorted by page
         keep = last[offsets[last] >= 0]
         return pages[keep], offsets[keep]
+
+
+def _continue_run(buf: bytes, base: int, at: int, flags: int, page_size: int, num_pages: int, records: RunLog) -> int:
+    """Log the run of records from ``at`` that all carry ``flags`` (CONTINUE|PAGE: a word
+    and a page; CONTINUE|ZERO: a word and a fill byte of 0) with a page inside the block
+    and lie wholly in ``buf``; return the bytes taken (0: let the record loop judge)."""
+    is_page = flags & RamFlag.PAGE
+    stride = _WORD + (page_size if is_page else 1)
+    count = (base + len(buf) - at) // stride
+    if count < _MIN_RUN:
+        return 0
+    start = at - base
+    words = np.ndarray((count,), dtype=">u8", buffer=buf, offset=start, strides=(stride,))
+    mask = page_size - 1
+    good = (words & mask) == flags
+    pages = (words & ~np.uint64(mask)) // np.uint64(page_size)
+    good &= pages < num_pages
+    if not is_page:
+        good &= np.ndarray((count,), dtype=np.uint8, buffer=buf, offset=start + _WORD, strides=(stride,)) == 0
+    taken = count if good.all() else int(np.argmin(good))
+    if taken == 0:
+        return 0
+    records.add_run(pages[:taken].astype(np.int64), at + _WORD if is_page else None)
+    return taken * stride
 
 
 class RamSectionReader(ABC):
@@ -90,12 +216,13 @@ class RamSectionReader(ABC):
         remaining = self.total
         while remaining > 0:
             entry_offset = cursor.pos
-            entry = cursor.parse(
-                S.RamBlockEntry,
-                f"RAM block entry {len(self.blocks)} (u8 idlen, idstr, be64 used_length)",
-                mapped_ram=self.policy.block_has_mapped_ram_header,
-                ignore_shared=self.ignore_shared,
-            )
+            if len(self.blocks) == MAX_BLOCKS:
+                raise FormatError(
+                    entry_offset,
+                    f"at most {MAX_BLOCKS} RAM blocks (the block list so far does not add up to MEM_SIZE)",
+                    "more",
+                )
+            entry = self._entry(cursor)
             if entry.idstr in self.blocks:
                 raise FormatError(entry_offset, "a RAM block name not seen before", repr(entry.idstr))
             block = self._block(entry, entry_offset, cursor)
@@ -111,12 +238,28 @@ class RamSectionReader(ABC):
             remaining -= entry.used_length  # verify reports a sum past MEM_SIZE
         self.payload(cursor)
 
+    def _entry(self, cursor: Cursor) -> BlockEntry:
+        start = cursor.pos
+        what = f"RAM block entry {len(self.blocks)} (u8 idlen, idstr, be64 used_length)"
+        length = _take(cursor, start, 1, what)[0]
+        raw = _take(cursor, start, length + _WORD, what)
+        try:
+            name = raw[:length].decode()
+        except UnicodeDecodeError as err:
+            raise FormatError(start, what, f"{err} in field idstr") from None
+        (used_length,) = _U64.unpack_from(raw, length)
+        addr = _U64.unpack(_take(cursor, start, _WORD, what))[0] if self.ignore_shared else None
+        header = None
+        if self.policy.block_has_mapped_ram_header:
+            header = MappedRamHeader(*_MAPPED_RAM_HEADER.unpack(_take(cursor, start, _MAPPED_RAM_HEADER.size, what)))
+        return BlockEntry(name, used_length, addr, header)
+
     @abstractmethod
     def payload(self, cursor: Cursor) -> None:
         """A PART/END payload, or the START payload after the block list: words until EOS."""
 
     @abstractmethod
-    def _block(self, entry: Any, entry_offset: int, cursor: Cursor) -> RamBlock:
+    def _block(self, entry: BlockEntry, entry_offset: int, cursor: Cursor) -> RamBlock:
         """The block of a parsed entry; leaves the cursor where the stream resumes."""
 
     def _verdict(self, flags: int) -> str | None:
@@ -151,8 +294,9 @@ class MappedRamSectionReader(RamSectionReader):
         self.page_size_settled = page_size_settled
         self.bitmap_layout = bitmap_layout
 
-    def _block(self, entry: Any, entry_offset: int, cursor: Cursor) -> RamBlock:
+    def _block(self, entry: BlockEntry, entry_offset: int, cursor: Cursor) -> RamBlock:
         hdr = entry.mapped_ram
+        assert hdr is not None
         header_offset = cursor.pos - HEADER_SIZE
         name = entry.idstr
         if hdr.version > MAPPED_RAM_VERSION or hdr.version == 0:
@@ -211,7 +355,7 @@ class StreamRamSectionReader(RamSectionReader):
         self.index = index
         self._current: str | None = None  # the block a CONTINUE record refers to
 
-    def _block(self, entry: Any, entry_offset: int, cursor: Cursor) -> RamBlock:
+    def _block(self, entry: BlockEntry, entry_offset: int, cursor: Cursor) -> RamBlock:
         return StreamRamBlock(
             self.src, entry.idstr, entry.used_length, self.page_size, entry_offset, entry.addr, self.index
         )
@@ -227,8 +371,10 @@ class StreamRamSectionReader(RamSectionReader):
         eos, page_or_zero, cont, page_flag = (
             int(f) for f in (RamFlag.EOS, _PAGE_OR_ZERO, RamFlag.CONTINUE, RamFlag.PAGE)
         )
+        # CONTINUE records of one kind, the bulk of a stream, are taken in runs (numpy)
+        run_flags = {f for f in (cont | page_flag, cont | int(RamFlag.ZERO)) if verdict(f) is None}
         block_name = self._current
-        records = None if block_name is None else self.index.log(block_name)
+        records = None if block_name is None else self.index.log(block_name, page_size)
         num_pages = 0 if block_name is None else self.blocks[block_name].num_pages
         while True:
             if pos + _RECORD_HEAD > base + len(buf):
@@ -240,6 +386,17 @@ class StreamRamSectionReader(RamSectionReader):
             flags = word & mask
             if (known[flags] if flags in known else verdict(flags)) is not None:
                 raise self._word_problem(pos, word, flags)
+            if flags in run_flags and records is not None:
+                stride = _WORD + (page_size if flags & page_flag else 1)
+                # the window is refreshed only when fewer than _MIN_RUN records remain in it,
+                # and numpy is asked only when the next record has the same flags too
+                buf, base = cursor.window(pos, min(size - pos, _MIN_RUN * stride))
+                nxt = pos + stride - base
+                if nxt + _WORD <= len(buf) and unpack(buf, nxt)[0] & mask == flags:
+                    taken = _continue_run(buf, base, pos, flags, page_size, num_pages, records)
+                    if taken:
+                        pos += taken
+                        continue
             pos += _WORD
             if flags & eos:
                 self._current = block_name
@@ -256,7 +413,7 @@ class StreamRamSectionReader(RamSectionReader):
                 block_name = buf[pos - base + 1 : pos - base + 1 + length].decode("utf-8", "replace")
                 if block_name not in self.blocks:
                     raise FormatError(pos, "the name of a RAM block from the block list", repr(block_name))
-                records = self.index.log(block_name)
+                records = self.index.log(block_name, page_size)
                 num_pages = self.blocks[block_name].num_pages
                 pos += 1 + length
             elif records is None:
@@ -267,14 +424,12 @@ class StreamRamSectionReader(RamSectionReader):
             if flags & page_flag:
                 if pos + page_size > size:
                     raise FormatError(pos, f"{page_size} bytes of page data", "the end of the file")
-                records[0].append(page)
-                records[1].append(pos)
+                records.add(page, pos)
                 pos += page_size
             else:
                 if pos >= size:
                     raise FormatError(pos, "the fill byte of a zero page", "the end of the file")
                 if buf[pos - base] != 0:
                     raise FormatError(pos, "a zero page fill byte of 0", f"{buf[pos - base]:#04x}")
-                records[0].append(page)
-                records[1].append(-1)
+                records.add(page, -1)
                 pos += 1

@@ -24,6 +24,7 @@ from .parallel_load import RestoreStats, load_blocks
 from .prologue import LIBVIRT_FORMAT_AT, LibvirtHeader, Prologue, read_prologue
 from .ram_section import MappedRamSectionReader, PageIndex, RamSectionReader, StreamRamSectionReader
 from .source import Source
+from .stale import stale_slots
 from .vmdesc import find_vmdesc, load_vmdesc
 from .walker import StreamWalker
 
@@ -245,8 +246,9 @@ class Snapshot:
         """One device section decoded with the VM description (mapper/devstate.py)."""
         return device_state(self, idstr, instance_id)
 
-    def describe(self, sections: bool = True) -> dict[str, Any]:
-        """The stable JSON form of ``mappedram dump --json`` (see README)."""
+    def describe(self, sections: bool = True, stale: bool = False) -> dict[str, Any]:
+        """The stable JSON form of ``mappedram dump --json`` (see README). ``stale``: count
+        each mapped-ram block's stale slots (reads the clear slots that hold data)."""
         out: dict[str, Any] = {
             "file": self.path,
             "size": self.size,
@@ -261,7 +263,7 @@ class Snapshot:
             "page_size": self.page_size,
             "ram_total": self.ram_total,
             "ram_section_offset": self.ram_section_offset,
-            "blocks": [b.describe() for b in self],
+            "blocks": [{**b.describe(), "stale_slots": stale_slots(b, self.size) if stale else None} for b in self],
             "vmdesc": None
             if self.vmdesc_location is None
             else {"offset": self.vmdesc_location[0], "json_length": self.vmdesc_location[1]},

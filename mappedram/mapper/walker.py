@@ -12,13 +12,27 @@ import struct
 from typing import Any, Callable
 
 from ..errors import FormatError
-from ..formats import structs as S
 from ..formats.constants import RAM_IDSTR, RAM_SECTION_VERSION, SectionType
 from ..formats.policy import command_problem
-from .elements import Problem, Section
+from .elements import Problem, Section, SectionLog
 from .ram_section import RamSectionReader
 from .source import Cursor
 from .vmdesc import device_payload_size
+
+# Problems listed per walk; past this many, one line counts the rest (a stream of a
+# million bad commands must not cost a million lines and their memory).
+MAX_PROBLEMS = 1000
+
+# Fixed parts of the headers, read with struct (construct costs ~30 us an element, and a
+# stream may hold millions); the layouts are those of structs.py's SectionHeader*,
+# CommandBody and SectionFooter.
+_U32 = struct.Struct(">I")
+_ID_AND_LEN = struct.Struct(">IB")  # section id, idstr length
+_INSTANCE_VERSION = struct.Struct(">II")
+_COMMAND = struct.Struct(">HH")  # cmd, length
+_FOOTER = struct.Struct(">BI")  # 0x7e, section id
+_SECTION_TYPES = {t.value: t for t in SectionType}
+_COMMAND_TYPE = SectionType.COMMAND.value
 
 _ELEMENTS_AFTER_FOOTER = {t.value for t in SectionType} - {
     SectionType.SUBSECTION,
@@ -45,7 +59,7 @@ class StreamWalker:
         self.problems = problems
         self._vmdesc = vmdesc  # loaded only when a device section needs its size
         self._vmdesc_offset = vmdesc_offset
-        self.sections: list[Section] = []
+        self.sections = SectionLog()
         self.eof_offset: int | None = None
         self.footers: bool | None = None  # decided by the first section's end
         self.ram_section_id: int | None = None
@@ -53,6 +67,9 @@ class StreamWalker:
         self.done = False
         self._error: FormatError | None = None
         self._device_index = 0
+        self._command_verdicts: dict[int, str | None] = {}  # cmd << 16 | length -> command_problem
+        self._unlisted = 0  # problems past MAX_PROBLEMS
+        self._first_unlisted = 0
         self._dispatch: dict[SectionType, Callable[[int, SectionType], None]] = {
             SectionType.SECTION_START: self._full_section,
             SectionType.SECTION_FULL: self._full_section,
@@ -72,6 +89,24 @@ class StreamWalker:
         except FormatError as err:
             self._error = err
             raise
+        finally:
+            if self._unlisted and (self.done or self._error is not None):
+                self.problems.append(
+                    Problem(
+                        self._first_unlisted,
+                        f"expected at most {MAX_PROBLEMS} problems, "
+                        f"found {self._unlisted} more from here on (not listed)",
+                    )
+                )
+                self._unlisted = 0
+
+    def _problem(self, problem: Problem) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(problem)
+        else:
+            if not self._unlisted:
+                self._first_unlisted = problem.offset
+            self._unlisted += 1
 
     def _walk(self, until_ram_start: bool) -> None:
         cursor = self.cursor
@@ -80,10 +115,9 @@ class StreamWalker:
                 return
             off = cursor.pos
             byte = cursor.byte("a section type byte or EOF")
-            try:
-                kind = SectionType(byte)
-            except ValueError:
-                raise FormatError(off, "a section type byte (0x00-0x08)", f"{byte:#04x}") from None
+            kind = _SECTION_TYPES.get(byte)
+            if kind is None:
+                raise FormatError(off, "a section type byte (0x00-0x08)", f"{byte:#04x}")
             step = self._dispatch.get(kind)
             if step is None:
                 raise FormatError(off, "a section, command or EOF", f"{kind.name} ({byte:#04x})")
@@ -93,67 +127,83 @@ class StreamWalker:
 
     def _full_section(self, off: int, kind: SectionType) -> None:
         cursor = self.cursor
-        cursor.skip_to(off + 1, "a section")
-        hdr = cursor.parse(S.SectionHeaderFull, "a section header (id, idstr, instance, version)")
+        start = off + 1
+        cursor.skip_to(start, "a section")
+        what = "a section header (id, idstr, instance, version)"
+        section_id, length = _ID_AND_LEN.unpack(_take(cursor, start, _ID_AND_LEN.size, what))
+        raw = _take(cursor, start, length + _INSTANCE_VERSION.size, what)
+        try:
+            idstr = raw[:length].decode()
+        except UnicodeDecodeError as err:
+            raise FormatError(start, what, f"{err} in field idstr") from None
+        instance_id, version_id = _INSTANCE_VERSION.unpack_from(raw, length)
         sec = Section(
             "start" if kind == SectionType.SECTION_START else "full",
             off,
-            hdr.section_id,
-            hdr.idstr,
-            hdr.instance_id,
-            hdr.version_id,
+            section_id,
+            idstr,
+            instance_id,
+            version_id,
             payload_offset=cursor.pos,
         )
-        self.sections.append(sec)
-        if hdr.idstr == RAM_IDSTR:
+        if idstr == RAM_IDSTR:
             if self.ram_section_id is not None:
                 raise FormatError(off, "one RAM section", "a second START/FULL for 'ram'")
-            if hdr.version_id != RAM_SECTION_VERSION:
-                self.problems.append(
-                    Problem(off, f"expected RAM section version {RAM_SECTION_VERSION}, found {hdr.version_id}")
-                )
-            self.ram_section_id = hdr.section_id
+            if version_id != RAM_SECTION_VERSION:
+                self._problem(Problem(off, f"expected RAM section version {RAM_SECTION_VERSION}, found {version_id}"))
+            self.ram_section_id = section_id
             self.ram.opening(cursor)
             self.ram_section_offset = off
         else:
             self._device_payload(sec)
         self._close_section(sec)
+        self.sections.append(sec)
 
     def _part_section(self, off: int, kind: SectionType) -> None:
         cursor = self.cursor
         cursor.skip_to(off + 1, "a section")
-        hdr = cursor.parse(S.SectionHeaderPart, "a section id")
-        is_ram = hdr.section_id == self.ram_section_id
+        (section_id,) = _U32.unpack(_take(cursor, off + 1, _U32.size, "a section id"))
+        is_ram = section_id == self.ram_section_id
         sec = Section(
             "part" if kind == SectionType.SECTION_PART else "end",
             off,
-            hdr.section_id,
+            section_id,
             RAM_IDSTR if is_ram else None,
             payload_offset=cursor.pos,
         )
-        self.sections.append(sec)
         if is_ram:
             self.ram.payload(cursor)
         else:
             self._device_payload(sec)
         self._close_section(sec)
+        self.sections.append(sec)
 
     def _command(self, off: int, kind: SectionType) -> None:
-        cursor = self.cursor
-        cursor.skip_to(off + 1, "a command")
-        body = cursor.parse(S.CommandBody, "a command (be16 cmd, be16 len, data)")
-        if why := command_problem(int(body.cmd), body.length):
-            self.problems.append(Problem(off + 1, f"expected {why}"))
-        self.sections.append(
-            Section(
-                "command",
-                off,
-                command=str(body.cmd),
-                payload_offset=off + 5,
-                payload_length=body.length,
-                end=cursor.pos,
-            )
-        )
+        """A COMMAND, and the commands that follow it at once (a stream may hold millions:
+        they are read from the cursor's window without a round through the dispatch)."""
+        cursor, size, log = self.cursor, self.cursor.size, self.sections
+        what = "a command (be16 cmd, be16 len, data)"
+        verdicts = self._command_verdicts
+        buf, base = b"", off
+        while True:
+            start = off + 1
+            if start + _COMMAND.size > base + len(buf):
+                buf, base = cursor.window(off, min(size - off, 1 + _COMMAND.size))
+            if start + _COMMAND.size > size:
+                raise FormatError(start, what, f"the end of the file at {size:#x}")
+            cmd, length = _COMMAND.unpack_from(buf, start - base)
+            end = start + _COMMAND.size + length
+            if end > size:
+                raise FormatError(start, what, f"the end of the file at {size:#x}")
+            key = cmd << 16 | length
+            why = verdicts[key] if key in verdicts else verdicts.setdefault(key, command_problem(cmd, length))
+            if why:
+                self._problem(Problem(start, f"expected {why}"))
+            log.add_command(off, cmd, length)
+            off = end
+            if not (off < base + len(buf) and buf[off - base] == _COMMAND_TYPE) or off >= size:
+                break
+        cursor.skip_to(off, "a command's data")
 
     def _eof(self, off: int, kind: SectionType) -> None:
         self.cursor.skip_to(off + 1, "EOF")
@@ -187,18 +237,16 @@ class StreamWalker:
             return
         marker = cursor.byte("a section footer")
         if marker != SectionType.SECTION_FOOTER:
-            self.problems.append(
+            self._problem(
                 Problem(pos, f"expected a section footer (0x7e) for {sec.idstr or sec.section_id}, found {marker:#04x}")
             )
             return
-        footer = cursor.parse(S.SectionFooter, "a section footer")
+        _, footer_id = _FOOTER.unpack(_take(cursor, pos, _FOOTER.size, "a section footer"))
         sec.footer_offset = pos
         sec.end = cursor.pos
-        if footer.section_id != sec.section_id:
-            self.problems.append(
-                Problem(
-                    pos, f"expected the footer of section {sec.section_id} ({sec.idstr}), found id {footer.section_id}"
-                )
+        if footer_id != sec.section_id:
+            self._problem(
+                Problem(pos, f"expected the footer of section {sec.section_id} ({sec.idstr}), found id {footer_id}")
             )
 
     def _device_payload(self, sec: Section) -> None:
@@ -215,7 +263,7 @@ class StreamWalker:
                 cursor.require(size, f"device state of {sec.idstr} (size from the VM description)")
                 cursor.skip_to(pos + size, f"the device state of {sec.idstr}")
                 return
-            self.problems.append(
+            self._problem(
                 Problem(
                     sec.offset,
                     f"expected section {sec.idstr!r} in the VM description's order, found {dev['name']!r}",
@@ -237,3 +285,10 @@ class StreamWalker:
                 cursor.pos, f"the footer of section {sec.idstr or sec.section_id}", "none before the end of the file"
             )
         cursor.skip_to(at, f"the payload of section {sec.idstr or sec.section_id}")
+
+
+def _take(cursor: Cursor, start: int, length: int, what: str) -> bytes:
+    """The next ``length`` bytes of an element that began at ``start``."""
+    if cursor.pos + length > cursor.size:
+        raise FormatError(start, what, f"the end of the file at {cursor.size:#x}")
+    return cursor.read(length, what)

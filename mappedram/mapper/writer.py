@@ -16,26 +16,29 @@ the stream's parts (encoder.StreamComposer).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from ..formats.bitmap import LITTLE_ENDIAN_64, BitmapLayout
-from ..formats.constants import CAP_MAPPED_RAM, MAPPED_RAM_ALIGNMENT, QEVM_MAGIC
+from ..formats.constants import MAPPED_RAM_ALIGNMENT, QEVM_MAGIC
 from ..formats.layout import MAX_PAGE_SIZE, MIN_PAGE_SIZE, BlockPlace, valid_page_size
-from ..formats.policy import POLICIES, Event, Mode, ModePolicy, Sync
+from ..formats.policy import MODE_CAPABILITIES, POLICIES, Event, Mode, ModePolicy, Sync
 from .channels import check_count, pwrite_all
 from .encoder import DeviceState, StreamComposer
+from .kernel_dirty import Unavailable
 from .output import OutputFile, reraise_naming
 from .pagesink import ChannelHook, PageSink, Slots
-from .tracking import DigestTracking, ManualTracking, Tracker
+from .tracking import MODES, Tracker, TrackingMode, make_tracker
 
 __all__ = ["DeviceState", "RoundStats", "SnapshotWriter"]
 
+_log = logging.getLogger(__name__)
 BATCH_BYTES = 8 << 20  # the most one channel item writes: on Linux 6.x, 1 MiB pwrites cost about
 # twice the kernel time of 8 MiB ones into the page cache (bench/bench_mapper.py)
 
@@ -60,9 +63,13 @@ class SnapshotWriter:
     """Save named buffers as a QEMU 10 mapped-ram snapshot, live, in dirty rounds.
 
     ``blocks``: name -> buffer (numpy array, mmap, bytearray...), each a multiple of
-    ``page_size`` long; the writer reads them in place. ``dirty_tracking``: "digest"
-    finds dirty pages by comparing per-page digests each round; "manual" trusts
-    ``mark_dirty()`` calls, like KVM's dirty log. ``alignment``: where page regions
+    ``page_size`` long; the writer reads them in place. ``dirty_tracking``: "kernel"
+    has the kernel log the writes (Linux 6.7+, private anonymous memory such as numpy
+    arrays; see mapper/kernel_dirty.py); "digest" compares per-page digests each round;
+    "manual" trusts ``mark_dirty()`` calls, like KVM's dirty log; "auto" (the default)
+    takes "kernel" for each block where it can, else "digest". ``tracking_mode`` says
+    which each block got, ``tracking_note`` why "auto" fell back (also logged, INFO, to
+    the ``mappedram.mapper.writer`` logger). ``alignment``: where page regions
     start (QEMU: 1 MiB; its loader only needs page alignment). ``prefix``: bytes kept
     in front of the stream, e.g. a libvirt header; the offsets in the file stay absolute.
     ``fsync``: flush the file and its directory before and after the rename (off: like
@@ -86,7 +93,7 @@ class SnapshotWriter:
         machine_type: str | None = None,
         prefix: bytes = b"",
         bitmap_layout: BitmapLayout = LITTLE_ENDIAN_64,
-        dirty_tracking: Literal["digest", "manual"] = "digest",
+        dirty_tracking: TrackingMode = "auto",
         devices: DeviceState | None = None,
         switchover_start: bool = True,
         punch_holes: bool = True,
@@ -103,8 +110,8 @@ class SnapshotWriter:
             raise ValueError(f"page size {page_size} is not a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}")
         if alignment < page_size or alignment % page_size:
             raise ValueError(f"alignment {alignment} is not a multiple of the page size {page_size}")
-        if dirty_tracking not in ("digest", "manual"):
-            raise ValueError("dirty_tracking is 'digest' or 'manual'")
+        if dirty_tracking not in MODES:
+            raise ValueError(f"dirty_tracking is one of {', '.join(map(repr, MODES))}, not {dirty_tracking!r}")
         if policy.mode is not Mode.MAPPED_RAM:
             raise ValueError(f"the writer writes mapped-ram, not {policy.mode.value}")
         self.path = os.fspath(path)
@@ -115,8 +122,12 @@ class SnapshotWriter:
         self.layout = bitmap_layout
         self.switchover_start = switchover_start
         self.tracking = dirty_tracking
+        self.tracking_mode: dict[str, str] = {}  # block -> "kernel", "digest" or "manual"
+        self.tracking_note = ""  # why "auto" took digests for some block, one line
         self.rounds = 0
-        self._composer = StreamComposer(page_size, capabilities=[CAP_MAPPED_RAM], machine=machine_type, devices=devices)
+        self._composer = StreamComposer(
+            page_size, capabilities=[MODE_CAPABILITIES[Mode.MAPPED_RAM]], machine=machine_type, devices=devices
+        )
         self.machine_type = self._composer.machine
         self._digest_pool = ThreadPoolExecutor(max(1, min(channels, os.cpu_count() or 1)), "digest")
         self._blocks = self._wrap_blocks(blocks)
@@ -145,19 +156,32 @@ class SnapshotWriter:
         if not blocks:
             raise ValueError("a snapshot needs at least one RAM block")
         key = np.random.default_rng().integers(1, 2**63, self.page_size // 8, dtype=np.uint64) | 1
-        out = {}
-        for name, buf in blocks.items():
-            _check_name(name)
-            data = np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8)
-            if len(data) % self.page_size:
-                raise ValueError(f"block {name!r}: {len(data)} bytes is not a multiple of {self.page_size}")
-            pages = data.reshape(-1, self.page_size)
-            tracker: Tracker = (
-                ManualTracking(pages) if self.tracking == "manual" else DigestTracking(pages, key, self._digest_pool)
-            )
-            out[name] = _Block(data, tracker, Slots(name, 0, np.zeros(len(pages), dtype=bool)))
-        if not any(len(b.data) for b in out.values()):
-            raise ValueError("a snapshot needs RAM: every block is empty")
+        out: dict[str, _Block] = {}
+        fallbacks = []
+        try:
+            for name, buf in blocks.items():
+                _check_name(name)
+                data = np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8)
+                if len(data) % self.page_size:
+                    raise ValueError(f"block {name!r}: {len(data)} bytes is not a multiple of {self.page_size}")
+                pages = data.reshape(-1, self.page_size)
+                try:
+                    tracker, why = make_tracker(self.tracking, pages, key, self._digest_pool)
+                except Unavailable as err:
+                    raise Unavailable(f"block {name!r}: no kernel dirty tracking: {err}") from None
+                out[name] = _Block(data, tracker, Slots(name, 0, np.zeros(len(pages), dtype=bool)))
+                self.tracking_mode[name] = tracker.mode
+                if why:
+                    fallbacks.append(f"{name!r} ({why})")
+            if not any(len(b.data) for b in out.values()):
+                raise ValueError("a snapshot needs RAM: every block is empty")
+        except BaseException:
+            for blk in out.values():
+                blk.tracker.close()
+            raise
+        if fallbacks:
+            self.tracking_note = f"digest dirty tracking, not the kernel's, for {', '.join(fallbacks)}"
+            _log.info("%s: %s", self.path, self.tracking_note)
         return out
 
     def _write_head(self, prefix: bytes) -> int:
@@ -256,6 +280,8 @@ class SnapshotWriter:
 
     def _close_workers(self) -> None:
         self._digest_pool.shutdown(wait=True, cancel_futures=True)
+        for blk in self._blocks.values():
+            blk.tracker.close()
         if self._sink is not None:
             self._sink.close()
 

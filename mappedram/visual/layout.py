@@ -167,7 +167,7 @@ def layout(snap: Snapshot) -> list[Segment]:
     fixed = [s for s in fixed if s.end > s.start]
     fixed.sort(key=lambda s: s.start)
     taken = [(s.start, s.end) for s in fixed]
-    mapped = info["format"] == "mapped-ram"
+    mapped = snap.policy.block_has_mapped_ram_header
 
     found: list[Segment] = list(fixed)
     for sec in sections:

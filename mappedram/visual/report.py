@@ -106,7 +106,7 @@ def _summary(snap: Snapshot) -> str:
 
 def _blocks(snap: Snapshot) -> str:
     info = snap.describe(sections=False)  # a classic stream's blocks walk its page records
-    mapped = info["format"] == "mapped-ram"
+    mapped = snap.policy.block_has_mapped_ram_header
     headers = ["block", "used_length", "size", "present", "pages", "share"]
     if mapped:
         headers += ["bitmap_offset", "bitmap_size", "pages_offset"]
