@@ -513,10 +513,12 @@ def _extract_all(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .mapper.convert import convert
+    from .mapper.convert import check_target, convert
 
-    if args.compress and args.to != "stream":
-        raise UsageError("--compress goes with --to stream (libvirt compresses only classic streams)")
+    try:
+        check_target(args.to, args.compress)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     bar = ProgressBar(f"convert to {args.to}", args.progress)
     try:
         convert(

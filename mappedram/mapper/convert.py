@@ -28,9 +28,9 @@ import numpy as np
 from ..errors import FormatError
 from ..formats import structs as S
 from ..formats.bitmap import LITTLE_ENDIAN_64, BitmapLayout
-from ..formats.constants import CAP_MAPPED_RAM, MAPPED_RAM_ALIGNMENT, QEVM_MAGIC, RamFlag
+from ..formats.constants import MAPPED_RAM_ALIGNMENT, QEVM_MAGIC, RamFlag
 from ..formats.layout import BlockPlace
-from ..formats.policy import COMPRESSED_FORMATS
+from ..formats.policy import COMPRESSED_FORMATS, MODE_CAPABILITIES, Mode
 from .blocks import RamBlock, check_claim, read_exact
 from .channels import pwrite_all
 from .copy_plan import copy_range
@@ -42,7 +42,7 @@ from .snapshot import Snapshot
 Progress = Callable[[int, int], None]
 PIECE_BYTES = 1 << 20  # the most read at a time when streaming a block's pages (cache-sized)
 COPY_RANGE_BYTES = 1 << 20  # extents at least this long are copied kernel-side
-TARGETS = ("mapped-ram", "stream")
+MAPPED_RAM_CAP = MODE_CAPABILITIES[Mode.MAPPED_RAM]  # the capability a mapped-ram output announces
 
 
 def _check_page_sizes(src: Snapshot) -> None:
@@ -88,7 +88,7 @@ class _MappedRamOutput:
         self.out = OutputFile(out_path, overwrite=overwrite, source_fd=src.fd)
         self.fd = self.out.fd
         try:
-            comp = StreamComposer(src.page_size, capabilities=[CAP_MAPPED_RAM], devices=_provisional_devices(src))
+            comp = StreamComposer(src.page_size, capabilities=[MAPPED_RAM_CAP], devices=_provisional_devices(src))
             head = comp.head()
             self.magic_at = len(prefix)
             pwrite_all(self.fd, memoryview(prefix + bytes(len(QEVM_MAGIC)) + head[len(QEVM_MAGIC) :]), 0)
@@ -115,7 +115,7 @@ class _MappedRamOutput:
                 lsb = np.concatenate([lsb, np.zeros(whole - len(lsb), dtype=np.uint8)])
                 pwrite_all(self.fd, memoryview(self.layout.from_lsb(lsb).tobytes()), place.bitmap_offset + first // 8)
         comp = StreamComposer(
-            self.src.page_size, capabilities=[CAP_MAPPED_RAM], devices=DeviceState.from_snapshot(self.src)
+            self.src.page_size, capabilities=[MAPPED_RAM_CAP], devices=DeviceState.from_snapshot(self.src)
         )
         tail = self.round_end + comp.tail()
         pwrite_all(self.fd, memoryview(tail), self.pos)
@@ -264,7 +264,7 @@ def _stored_records(block: RamBlock) -> Iterator[tuple[int, np.ndarray, np.ndarr
 
 def _write_stream(src: Snapshot, out: Any, progress: Progress | None) -> None:
     devices = _provisional_devices(src)
-    capabilities = [c for c in src.capabilities if c != CAP_MAPPED_RAM]
+    capabilities = [c for c in src.capabilities if c not in MODE_CAPABILITIES.values()]  # a classic stream
     comp = StreamComposer(src.page_size, capabilities=capabilities, devices=devices)
     head = comp.head()
     pieces, _, _ = comp.ram_start(len(head), [(b.name, b.used_length) for b in src])
@@ -324,11 +324,23 @@ def to_stream(
                 _write_stream(src, out, progress)
 
 
-def _open_source(path: str | os.PathLike[str], to: str, progress: Progress | None, open_args: Any) -> Snapshot:
+def check_target(to: str, compress: str | None) -> Mode:
+    """The output's mode; ValueError for a layout convert does not write, or compression
+    of anything but a classic stream (libvirt compresses only those)."""
+    try:
+        mode = Mode(to)
+    except ValueError:
+        raise ValueError(f"convert to {' or '.join(repr(m.value) for m in Mode)}, not {to!r}") from None
+    if compress is not None and mode is not Mode.STREAM:
+        raise ValueError("--compress goes with --to stream (libvirt compresses only classic streams)")
+    return mode
+
+
+def _open_source(path: str | os.PathLike[str], mode: Mode, progress: Progress | None, open_args: Any) -> Snapshot:
     """The input; a classic stream going to mapped-ram opened for one forward pass, so that
     its pages go into their slots as the records pass (no page index in memory)."""
     src = open_image(path, progress=progress, **open_args)
-    if to != "mapped-ram" or isinstance(src, ForwardSnapshot) or not src.policy.pages_in_stream:
+    if mode is not Mode.MAPPED_RAM or isinstance(src, ForwardSnapshot) or not src.policy.pages_in_stream:
         return src
     src.close()
     args = {k: open_args.get(k) for k in ("offset", "page_size")}
@@ -349,12 +361,9 @@ def convert(
     """``to`` is "mapped-ram" or "stream"; ``compress`` only with "stream" (see to_stream).
     The output is made by mapper/output.py's rules (``overwrite``: replace an existing
     file). ``channels`` is accepted for compatibility: the copy is one stream of pages."""
-    if to not in TARGETS:
-        raise ValueError(f"convert to 'mapped-ram' or 'stream', not {to!r}")
-    if compress is not None and to != "stream":
-        raise ValueError("--compress goes with --to stream (libvirt compresses only classic streams)")
-    with _open_source(src_path, to, progress, open_args) as src:
-        if to == "mapped-ram":
+    mode = check_target(to, compress)
+    with _open_source(src_path, mode, progress, open_args) as src:
+        if mode is Mode.MAPPED_RAM:
             to_mapped_ram(src, out_path, overwrite=overwrite, progress=progress)
         else:
             to_stream(src, out_path, overwrite=overwrite, progress=progress, compress=compress)
