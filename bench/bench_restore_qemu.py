@@ -33,6 +33,7 @@ from qemu_vm import Vm, build_guest, qemu_binary, save  # noqa: E402  (the tests
 OURS = """
 import json, sys, time
 import mappedram
+from mappedram.mapper import restore, snapshot  # imported before the clock starts, as QEMU is started before its
 path, channels, huge = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "huge"
 t = time.perf_counter()
 arrays = mappedram.restore(path, channels=channels, huge_pages=huge)
