@@ -153,8 +153,10 @@ def test_a_1tib_guest_is_dumped_and_verified_in_bounded_memory_without_numpy(tmp
 @pytest.mark.parametrize("size", [0, 1, 7, POPCOUNT_PIECE - 1, POPCOUNT_PIECE, 3 * POPCOUNT_PIECE + 5])
 def test_popcount_across_piece_borders(size):
     data = bytearray(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes())
-    if size > POPCOUNT_PIECE:
-        data[POPCOUNT_PIECE : 2 * POPCOUNT_PIECE] = bytes(POPCOUNT_PIECE)  # an all-zero piece
+    if size > 3 * POPCOUNT_PIECE:  # an all-zero piece, an all-one piece, a sparse piece
+        data[POPCOUNT_PIECE : 2 * POPCOUNT_PIECE] = bytes(POPCOUNT_PIECE)
+        data[2 * POPCOUNT_PIECE : 3 * POPCOUNT_PIECE] = b"\xff" * POPCOUNT_PIECE
+        data[:POPCOUNT_PIECE] = bytes(data[i] if i % 97 == 0 else 0 for i in range(POPCOUNT_PIECE))
     expected = int(np.unpackbits(np.frombuffer(bytes(data), dtype=np.uint8)).sum())
     assert popcount(bytes(data)) == expected
 

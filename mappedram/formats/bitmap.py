@@ -17,10 +17,13 @@ from typing import TYPE_CHECKING, Iterator, Literal
 if TYPE_CHECKING:
     import numpy as np
 
-# Bytes counted at once by popcount: int.from_bytes of a 64 KiB piece stays in cache
-# (~1.2 ns a byte here, where 1 MiB pieces cost ~2 ns); an all-zero piece is only compared.
+# Bytes counted at once by popcount: a 64 KiB piece stays in cache. An all-zero or all-one
+# piece is only compared; of the others the zero bytes are dropped (~0.5 ns a byte here)
+# before int.from_bytes and bit_count (~1.2 ns a byte left): a sparse bitmap costs about
+# half of counting every byte, a dense random one about 1.4 times.
 POPCOUNT_PIECE = 1 << 16
 _ZERO_PIECE = bytes(POPCOUNT_PIECE)
+_ONES_PIECE = b"\xff" * POPCOUNT_PIECE
 
 
 @dataclass(frozen=True)
@@ -70,13 +73,17 @@ LITTLE_ENDIAN_64 = BitmapLayout()
 BIG_ENDIAN_64 = BitmapLayout(byteorder="big")
 
 
-def popcount(data: bytes) -> int:
+def popcount(data: bytes | bytearray) -> int:
     """Number of set bits in ``data`` (any byte order: a word's bits stay in the word)."""
     count = 0
     for at in range(0, len(data), POPCOUNT_PIECE):
         piece = data[at : at + POPCOUNT_PIECE]
-        if piece != _ZERO_PIECE:
-            count += int.from_bytes(piece, "little").bit_count()
+        if piece == _ZERO_PIECE:
+            continue
+        if piece == _ONES_PIECE:
+            count += 8 * POPCOUNT_PIECE
+            continue
+        count += int.from_bytes(piece.translate(None, b"\0"), "little").bit_count()
     return count
 
 

@@ -217,13 +217,18 @@ class MappedRamBlock(RamBlock):
     def bitmap_size(self) -> int:
         return self.place.bitmap_size if self.in_file else 0
 
-    def _bitmap_chunks(self) -> Iterator[tuple[int, bytes]]:
+    def _bitmap_chunks(self) -> Iterator[tuple[int, bytearray]]:
         """(first byte of the bitmap, its bytes as the file holds them) in bounded pieces
-        of whole words."""
+        of whole words, read into one buffer (each valid until the next is asked for: a
+        fresh MiB per piece costs its page faults, more than the read)."""
         step = BITMAP_CHUNK - BITMAP_CHUNK % self.bitmap_layout.word_bytes
+        buffer = bytearray(min(step, self.bitmap_size))
         for start in range(0, self.bitmap_size, step):
             length = min(step, self.bitmap_size - start)
-            yield start, self._src.read(self.bitmap_offset + start, length, f"the bitmap of {self.name}")
+            if length < len(buffer):
+                buffer = bytearray(length)
+            read_exact(self._src.fd, memoryview(buffer), self.bitmap_offset + start, f"the bitmap of {self.name}")
+            yield start, buffer
 
     def present_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         import numpy as np

@@ -109,8 +109,9 @@ def _first_too_deep(data: bytes) -> int | None:
 
 def _shallow(data: bytes) -> bool:
     """True when no bracket outside strings of ``data`` (its escapes blanked) nests
-    deeper than MAX_DEPTH (False: not known). The brackets outside strings, innermost pairs removed MAX_DEPTH times, leave
-    no opening one: a chain of MAX_DEPTH + 1 open brackets would leave its outermost."""
+    deeper than MAX_DEPTH (False: not known). The brackets outside strings, innermost
+    pairs removed MAX_DEPTH times, leave no opening one: a chain of MAX_DEPTH + 1 open
+    brackets would leave its outermost."""
     brackets = b"".join(data.split(b'"')[::2]).translate(_SQUARE, _NOT_BRACKETS)
     for _ in range(MAX_DEPTH):
         inner_gone = brackets.replace(b"[]", b"")
