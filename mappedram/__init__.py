@@ -31,7 +31,7 @@ _LAZY = {
     "restore_into": ".mapper.restore",
     "Snapshot": ".mapper.snapshot",
     "ForwardSnapshot": ".mapper.forward",
-    "open": ".mapper.forward",  # open_image: a Snapshot, or a ForwardSnapshot for a compressed image
+    "open": ".mapper.images",  # open_image: a Snapshot, or a ForwardSnapshot for a compressed image
     "Report": ".mapper.verify",
     "verify": ".mapper.verify",
     "DeviceState": ".mapper.writer",
@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from .mapper.convert import convert
     from .mapper.extract_all import extract_all
     from .mapper.forward import ForwardSnapshot
-    from .mapper.forward import open_image as open
+    from .mapper.images import open_image as open
     from .mapper.physical import PhysicalView, export_elf
     from .mapper.restore import extract, restore, restore_into
     from .mapper.snapshot import Snapshot

@@ -22,16 +22,12 @@ from typing import Any, NoReturn, Sequence
 
 from . import __version__, cli_args
 from .errors import FormatError
+from .formats.headers import VMDESC_HEAD
 from .formats.policy import COMPRESSED_FORMATS, Mode, policy_for
-from .formats.structs import VmDescriptionHead
 from .mapper.blocks import MappedRamBlock, not_in_file
 from .mapper.channels import MAX_CHANNELS
-from .mapper.devstate import print_device_states
-from .mapper.extract_all import DESC_NAME, MAP_NAME, STATE_NAME, extract_all
-from .mapper.prologue import CompressedImage
+from .mapper.images import open_image
 from .mapper.snapshot import Snapshot
-from .mapper.stale import extract_stale
-from .mapper.verify import verify
 from .progress import ProgressBar, end_line, human
 from .textsafe import printable
 from .visual import commands as visual
@@ -388,7 +384,7 @@ def _dump_info(snap: Snapshot, sections: bool, stale: bool = False) -> dict[str,
     info.setdefault("sections", None)
     info.setdefault("eof_offset", None)
     if info["vmdesc"] is not None:
-        info["vmdesc"]["json_offset"] = info["vmdesc"]["offset"] + VmDescriptionHead.sizeof()
+        info["vmdesc"]["json_offset"] = info["vmdesc"]["offset"] + VMDESC_HEAD.size
     info["problems"] = [{"offset": p.offset, "message": p.text} for p in snap.problems]
     return info
 
@@ -399,18 +395,14 @@ def _json_out(value: Any) -> None:
 
 
 def _open(args: argparse.Namespace) -> Snapshot:
-    """The file; a compressed libvirt image opened for its one forward pass (the module
-    that reads it imported only then)."""
-    try:
-        return Snapshot(args.file, **cli_args.open_args(args))
-    except CompressedImage:
-        from .mapper.forward import ForwardSnapshot
-
-        return ForwardSnapshot(args.file, page_size=args.page_size)
+    """The file; a compressed libvirt image opened for its one forward pass."""
+    return open_image(args.file, **cli_args.open_args(args))
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
     if args.state or args.desc:
+        from .mapper.devstate import print_device_states
+
         with _open(args) as snap:
             print_device_states(snap, sys.stdout, desc=args.desc, as_json=args.json)
         return EXIT_OK
@@ -444,6 +436,8 @@ def _dump_libvirt_xml(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from .mapper.verify import verify
+
     bar = ProgressBar("hashing", args.progress) if args.hash else None
     report = verify(
         args.file, hash_blocks=args.hash, hash_zeros=args.hash_zeros, progress=bar, **cli_args.open_args(args)
@@ -469,6 +463,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     from .mapper.restore import extract  # imported when used: dump and verify start faster
+    from .mapper.stale import extract_stale
 
     if args.all:
         return _extract_all(args)
@@ -497,6 +492,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _extract_all(args: argparse.Namespace) -> int:
+    from .mapper.extract_all import DESC_NAME, MAP_NAME, STATE_NAME, extract_all
+
     if args.stale:
         raise UsageError("--stale takes one --block, not --all")
     with _open(args) as snap:

@@ -1,6 +1,10 @@
-"""Declarative schemas and tables of the QEMU snapshot format; no I/O here."""
+"""Declarative schemas and tables of the QEMU snapshot format; no I/O here.
 
-from . import bitmap, constants, policy, structs
+``structs`` (construct's schemas) is imported by who uses it: the reader does not
+(headers.py), and construct's import is most of a small file's ``dump``.
+"""
+
+from . import bitmap, constants, policy
 from .bitmap import BitmapLayout
 from .constants import RamFlag, SectionType, VmCommand
 from .policy import Mode, ModePolicy, policy_for

@@ -1,6 +1,6 @@
 """Where a mapped-ram block's pieces sit in the file, said once (FORMAT.md §3.2-§3.3).
 
-The offsets of the MappedRamHeader's fields come from its schema. QEMU's placement rule
+The offsets of the MappedRamHeader's fields come from headers.py (checked against its schema). QEMU's placement rule
 (mapped_ram_setup_ramblock) puts the header right after the block's entry, the bitmap
 right after the header and the pages at the next alignment boundary past the bitmap;
 the stream resumes after the page region. The writer places blocks with ``place_block``;
@@ -12,9 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from construct import Struct
-
-from . import structs as S
+from . import headers as H
 from .bitmap import BitmapLayout
 from .constants import MAPPED_RAM_ALIGNMENT
 
@@ -32,17 +30,8 @@ def round_up(value: int, align: int) -> int:
     return -(-value // align) * align
 
 
-def field_offsets(schema: Struct) -> dict[str, int]:
-    """Offset of each field of a fixed-size struct, from the sizes of the fields before it."""
-    offsets, at = {}, 0
-    for sub in schema.subcons:
-        offsets[sub.name] = at
-        at += sub.sizeof()
-    return offsets
-
-
-HEADER_FIELDS = field_offsets(S.MappedRamHeader)  # version 0, page_size 4, bitmap_offset 12, pages_offset 20
-HEADER_SIZE = S.MAPPED_RAM_HEADER_SIZE  # 28
+HEADER_FIELDS = H.MAPPED_RAM_FIELDS  # version 0, page_size 4, bitmap_offset 12, pages_offset 20
+HEADER_SIZE = H.MAPPED_RAM_HEADER.size  # 28
 
 
 @dataclass(frozen=True)
@@ -86,7 +75,7 @@ def place_block(
 ) -> BlockPlace:
     """mapped_ram_setup_ramblock: header after the entry, bitmap after the header,
     pages at the next ``alignment`` boundary after the bitmap."""
-    header_offset = entry_offset + 1 + len(name.encode()) + S.RamWord.sizeof()
+    header_offset = entry_offset + 1 + len(name.encode()) + H.RAM_WORD.size
     bitmap_offset = header_offset + HEADER_SIZE
     bitmap_size = layout.size(used_length // page_size)
     pages_offset = round_up(bitmap_offset + bitmap_size, alignment)

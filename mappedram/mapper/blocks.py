@@ -3,6 +3,9 @@
 A mapped-ram block finds its pages through its bitmap (page i at pages_offset + i *
 page_size when bit i is set; clear bits are zero pages, whatever the slot holds). A
 stream block finds them through an index built by walking PAGE/ZERO records.
+
+numpy is imported by the methods that make arrays: opening a file and counting a
+mapped-ram block's pages (``populated``) need none.
 """
 
 from __future__ import annotations
@@ -11,15 +14,15 @@ import mmap
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 from ..formats import bitmap as bm
 from ..formats.bitmap import BitmapLayout
 from ..formats.layout import BlockPlace
-from .copy_plan import GAP, copy_plan
 from .source import Source, read_exact
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Bitmap bytes handled at once: 1 MiB covers 8 Mi pages (32 GiB of 4 KiB pages), so
 # dumping or verifying a huge guest needs memory that does not grow with it.
@@ -84,6 +87,8 @@ class RamBlock(ABC):
 
     def present(self) -> np.ndarray:
         """A bool array, one entry per page: True where the file holds the page."""
+        import numpy as np
+
         out = np.zeros(self.num_pages, dtype=bool)
         for first, chunk in self.present_chunks():
             out[first : first + len(chunk)] = chunk
@@ -108,6 +113,10 @@ class RamBlock(ABC):
 
     def read_into(self, out: memoryview | np.ndarray, progress: Progress | None = None, zero_fill: bool = True) -> None:
         """Copy the block into ``out`` (``used_length`` writable bytes), single-threaded."""
+        import numpy as np
+
+        from .copy_plan import GAP, copy_plan
+
         view = memoryview(out).cast("B")
         if len(view) != self.used_length:
             raise ValueError(f"target holds {len(view)} bytes, block {self.name!r} has {self.used_length}")
@@ -158,6 +167,8 @@ def new_buffer(name: str, size: int, huge_pages: bool = False) -> np.ndarray:
     file size). ``huge_pages``: anonymous memory advised for transparent huge pages (one
     fault per 2 MiB instead of per 4 KiB), for blocks that will be filled densely; a
     sparse block would commit 2 MiB per page touched."""
+    import numpy as np
+
     check_claim(name, size)
     if huge_pages and size >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
         area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -211,27 +222,32 @@ class MappedRamBlock(RamBlock):
     def bitmap_size(self) -> int:
         return self.place.bitmap_size if self.in_file else 0
 
-    def _lsb_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(first byte of the bitmap, LSB-first bytes) in bounded pieces of whole words."""
+    def _bitmap_chunks(self) -> Iterator[tuple[int, bytearray]]:
+        """(first byte of the bitmap, its bytes as the file holds them) in bounded pieces
+        of whole words, read into one buffer (each valid until the next is asked for: a
+        fresh MiB per piece costs its page faults, more than the read)."""
         step = BITMAP_CHUNK - BITMAP_CHUNK % self.bitmap_layout.word_bytes
+        buffer = bytearray(min(step, self.bitmap_size))
         for start in range(0, self.bitmap_size, step):
             length = min(step, self.bitmap_size - start)
-            raw = self._src.read(self.bitmap_offset + start, length, f"the bitmap of {self.name}")
-            yield start, self.bitmap_layout.to_lsb(np.frombuffer(raw, dtype=np.uint8))
+            if length < len(buffer):
+                buffer = bytearray(length)
+            read_exact(self._src.fd, memoryview(buffer), self.bitmap_offset + start, f"the bitmap of {self.name}")
+            yield start, buffer
 
     def present_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
-        for start, lsb in self._lsb_chunks():
+        import numpy as np
+
+        for start, raw in self._bitmap_chunks():
             first = start * 8
-            count = min(len(lsb) * 8, self.num_pages - first)
+            count = min(len(raw) * 8, self.num_pages - first)
             if count > 0:
-                yield first, bm.unpack(lsb, count)
+                yield first, bm.unpack(self.bitmap_layout.to_lsb(np.frombuffer(raw, dtype=np.uint8)), count)
 
     @property
     def populated(self) -> int:
         if self._populated is None:
-            total = 0
-            for _, lsb in self._lsb_chunks():
-                total += bm.popcount(lsb)
+            total = sum(bm.popcount(raw) for _, raw in self._bitmap_chunks())
             self._populated = total - self.stray_bits()
         return self._populated
 
@@ -244,8 +260,7 @@ class MappedRamBlock(RamBlock):
         raw = self._src.read(
             self.bitmap_offset + tail_start, self.bitmap_size - tail_start, f"the bitmap tail of {self.name}"
         )
-        lsb = self.bitmap_layout.to_lsb(np.frombuffer(raw, dtype=np.uint8))
-        return bm.stray_bits(lsb, self.num_pages - tail_start * 8)
+        return self.bitmap_layout.stray_bits(raw, self.num_pages - tail_start * 8)
 
     def extent_arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for first, chunk in self.present_chunks():
@@ -316,6 +331,8 @@ class StreamRamBlock(RamBlock):
         return len(self._index[0]) if self._index is not None else self._lookup.count(self.name)
 
     def present_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        import numpy as np
+
         pages = self.index[0]
         step = BITMAP_CHUNK * 8
         for first in np.unique(pages // step * step).tolist():  # only chunks that hold pages
@@ -324,11 +341,15 @@ class StreamRamBlock(RamBlock):
             yield first, chunk
 
     def extent_arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        import numpy as np
+
         pages, offsets = self.index  # an 8-byte word separates any two pages: one page each
         if len(pages):
             yield pages, np.ones(len(pages), dtype=np.int64), offsets
 
     def page_offset(self, index: int) -> int | None:
+        import numpy as np
+
         pages, offsets = self.index
         at = int(np.searchsorted(pages, index))
         return int(offsets[at]) if at < len(pages) and pages[at] == index else None

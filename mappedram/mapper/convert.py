@@ -35,7 +35,8 @@ from .blocks import RamBlock, check_claim, read_exact
 from .channels import pwrite_all
 from .copy_plan import copy_range
 from .encoder import DeviceState, StreamComposer
-from .forward import IOV_MAX, FileWriter, ForwardSnapshot, open_image
+from .forward import IOV_MAX, FileWriter, ForwardSnapshot
+from .images import open_image
 from .output import OutputFile, output_file
 from .snapshot import Snapshot
 

@@ -7,7 +7,7 @@ from array import array
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence, overload
 
-from ..formats import structs as S
+from ..formats import headers as H
 from ..formats.constants import RAM_IDSTR
 
 
@@ -49,11 +49,11 @@ class Section:
 _KINDS = ("start", "full", "part", "end", "command", "eof")
 _CODES = {kind: code for code, kind in enumerate(_KINDS)}
 _FOOTER, _LONG, _AT, _RAM = 0x10, 0x20, 0x40, 0x80  # flags in the kind byte
-_FOOTER_SIZE = S.SectionFooter.sizeof()
-_FULL_FIXED = 1 + S.SectionHeaderFull.subcons[0].sizeof() + 1 + 4 + 4  # type, id, idlen, instance, version
-_PART_HEAD = 1 + S.SectionHeaderPart.sizeof()
+_FOOTER_SIZE = H.SECTION_FOOTER.size
+_FULL_FIXED = 1 + H.SECTION_ID.size + 1 + 4 + 4  # type, id, idlen, instance, version
+_PART_HEAD = 1 + H.SECTION_ID.size
 _COMMAND_HEAD = 1 + 4  # type, be16 cmd, be16 length
-_COMMAND_NAMES = S.CommandBody.cmd.subcon.decmapping  # be16 cmd -> its name
+_COMMAND_NAMES = H.COMMAND_NAMES  # be16 cmd -> its name
 _MARK_EVERY = 256  # rows between two (row byte position, offset) marks, for indexing
 _U32, _U64, _U16X2, _U32X2 = struct.Struct(">I"), struct.Struct(">Q"), struct.Struct(">HH"), struct.Struct(">II")
 

@@ -43,7 +43,7 @@ from .source import UNKNOWN_SIZE, Cursor, Source
 from .vmdesc import VMDESC_SEARCH_LIMIT, device_payload_size, load_vmdesc
 from .walker import StreamWalker
 
-__all__ = ["ForwardSnapshot", "PageConsumer", "open_image"]
+__all__ = ["ForwardSnapshot", "PageConsumer"]
 
 DEVICE_STATE_LIMIT = 256 << 20  # bytes of one non-RAM section kept for convert
 _RAM_NAME = RAM_IDSTR.encode()
@@ -318,6 +318,8 @@ class ForwardSnapshot(Snapshot):
     """A classic stream read once from front to back: a compressed libvirt image (see
     the module), or an uncompressed file that convert reads without a page index.
     ``offset``: where an uncompressed file's stream starts (as for ``open``)."""
+
+    one_pass = True
 
     def __init__(
         self,
@@ -711,14 +713,3 @@ class InOrderHashes:
                 st.digest.update(zeros)
             hashes[name] = st.digest.hexdigest()
         return hashes, notes
-
-
-def open_image(path: str | os.PathLike[str], *, progress: Progress | None = None, **open_args: Any) -> Snapshot:
-    """``mappedram.open``: a Snapshot, or for a compressed libvirt image a ForwardSnapshot
-    (``progress``: compressed bytes consumed, for the one pass)."""
-    from .prologue import CompressedImage  # noqa: PLC0415
-
-    try:
-        return Snapshot(path, **open_args)
-    except CompressedImage:  # only found without an explicit offset: nothing else applies
-        return ForwardSnapshot(path, page_size=open_args.get("page_size"), progress=progress)

@@ -1,7 +1,8 @@
 """The start of a snapshot file: libvirt's header, where the QEMU stream starts, the QEVM
 header and the configuration section (machine, capabilities, page bits, uuid).
 
-Read forward through a cursor, so a forward-only source serves it too.
+Read forward through a cursor, so a forward-only source serves it too; unpacked with
+headers.py's struct formats (construct's import would cost more than the reading).
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import FormatError
-from ..formats import structs as S
+from ..formats import headers as H
 from ..formats.constants import (
     LIBVIRT_MAGIC_DONE,
     LIBVIRT_MAGIC_PARTIAL,
     LIBVIRT_VERSION,
+    QEVM_MAGIC,
     QEVM_VERSION,
     QEVM_VERSION_COMPAT,
     SUB_CAPABILITIES,
@@ -21,7 +23,7 @@ from ..formats.constants import (
     SUB_UUID,
     SectionType,
 )
-from ..formats.layout import MAX_PAGE_BITS, MIN_PAGE_BITS, field_offsets
+from ..formats.layout import MAX_PAGE_BITS, MIN_PAGE_BITS
 from ..formats.policy import compressed_image, libvirt_data_problem, libvirt_format_problem
 from .elements import Problem
 from .source import Cursor
@@ -32,7 +34,7 @@ STREAM_PROBE_LIMIT = 1 << 20
 XML_READ_LIMIT = 16 << 20
 _XML_PIECE = 64 << 10
 _MAGIC = len(LIBVIRT_MAGIC_DONE)
-_LIBVIRT_FIELDS = field_offsets(S.LibvirtHeaderLE)  # where problems in its fields are reported
+_LIBVIRT_FIELDS = H.LIBVIRT_FIELDS  # where problems in its fields are reported
 LIBVIRT_FORMAT_AT = _LIBVIRT_FIELDS["format"]
 
 
@@ -52,7 +54,7 @@ class LibvirtHeader:
 
     @property
     def stream_start(self) -> int:
-        return S.LIBVIRT_HEADER_SIZE + self.data_len
+        return H.LIBVIRT_HEADER_SIZE + self.data_len
 
 
 @dataclass(frozen=True)
@@ -105,15 +107,34 @@ def read_stream_prologue(cursor: Cursor, libvirt: LibvirtHeader | None, cut: lis
     """The QEVM header and the configuration from ``cursor.pos`` (behind ``libvirt``, if
     any: a decompressed stream's cursor starts where the raw image's stream would)."""
     stream_start = cursor.pos
-    header = cursor.parse(S.QevmHeader, "the QEVM magic (a QEMU migration stream)")
-    if header.version != QEVM_VERSION:
-        found = "the obsolete v2" if header.version == QEVM_VERSION_COMPAT else str(header.version)
+    what = "the QEVM magic (a QEMU migration stream)"
+    magic, version = H.QEVM_HEADER.unpack(_take(cursor, stream_start, H.QEVM_HEADER.size, what))
+    if magic != QEVM_MAGIC:
+        raise FormatError(stream_start, what, f"{magic!r} in field magic")
+    if version != QEVM_VERSION:
+        found = "the obsolete v2" if version == QEVM_VERSION_COMPAT else str(version)
         raise FormatError(cursor.pos - 4, f"stream version {QEVM_VERSION}", found)
     configuration = Configuration()
     if cursor.byte("the configuration section or a section") == SectionType.CONFIGURATION:
         configuration = _configuration(cursor)
     problems = [] if libvirt is None else _libvirt_problems(libvirt) + cut
-    return Prologue(libvirt, stream_start, header.version, configuration, tuple(problems))
+    return Prologue(libvirt, stream_start, version, configuration, tuple(problems))
+
+
+def _take(cursor: Cursor, start: int, length: int, what: str) -> bytes:
+    """The next ``length`` bytes of ``what``, which began at ``start``."""
+    if cursor.pos + length <= cursor.size:
+        data = cursor.read(length, what)
+        if len(data) == length:
+            return data
+    raise FormatError(start, what, f"the end of the file at {cursor.size:#x}")
+
+
+def _text(raw: bytes, start: int, what: str, field: str) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as err:
+        raise FormatError(start, what, f"{err} in field {field}") from None
 
 
 def _libvirt_problems(libvirt: LibvirtHeader) -> list[Problem]:
@@ -135,22 +156,22 @@ def _libvirt_header(cursor: Cursor) -> tuple[LibvirtHeader | None, list[Problem]
     buf, _ = cursor.window(cursor.pos, _MAGIC)
     if buf[:_MAGIC] not in (LIBVIRT_MAGIC_DONE, LIBVIRT_MAGIC_PARTIAL):
         return None, []
-    raw_bytes = cursor.read(S.LIBVIRT_HEADER_SIZE, "the libvirt save header")
-    raw = S.LibvirtHeaderLE.parse(raw_bytes)
+    raw = cursor.read(H.LIBVIRT_HEADER_SIZE, "the libvirt save header")
+    magic, version, data_len, was_running, fmt, cookie_offset = H.LIBVIRT_HEADER_LE.unpack(raw)[:6]
     byteorder = "little"
-    if raw.version > LIBVIRT_VERSION:  # written on a host of the other byte order
-        raw = S.LibvirtHeaderBE.parse(raw_bytes)
+    if version > LIBVIRT_VERSION:  # written on a host of the other byte order
+        magic, version, data_len, was_running, fmt, cookie_offset = H.LIBVIRT_HEADER_BE.unpack(raw)[:6]
         byteorder = "big"
-    if raw.version != LIBVIRT_VERSION:
-        raise FormatError(16, f"libvirt save header version {LIBVIRT_VERSION}", str(raw.version))
+    if version != LIBVIRT_VERSION:
+        raise FormatError(16, f"libvirt save header version {LIBVIRT_VERSION}", str(version))
     header = LibvirtHeader(
-        complete=raw.magic == LIBVIRT_MAGIC_DONE,
+        complete=magic == LIBVIRT_MAGIC_DONE,
         byteorder=byteorder,
-        version=raw.version,
-        data_len=raw.data_len,
-        was_running=raw.was_running,
-        format=str(raw.format),
-        cookie_offset=raw.cookie_offset,
+        version=version,
+        data_len=data_len,
+        was_running=was_running,
+        format=H.LIBVIRT_FORMATS.get(fmt, str(fmt)),
+        cookie_offset=cookie_offset,
     )
     start = header.stream_start
     if start + 8 > cursor.size:
@@ -183,7 +204,7 @@ def _data_area(cursor: Cursor, header: LibvirtHeader) -> tuple[LibvirtHeader, li
     """The domain XML and the cookie from the data area behind the 92-byte header: the
     XML is cookie_offset bytes (all of data_len without a cookie), the cookie the rest,
     each NUL-terminated and padded with zeros (libvirt's qemuSaveImageReadHeader)."""
-    data = S.LIBVIRT_HEADER_SIZE
+    data = H.LIBVIRT_HEADER_SIZE
     has_cookie = 0 < header.cookie_offset <= header.data_len
     xml_len = header.cookie_offset if has_cookie else header.data_len
     xml, xml_cut = _nul_string(cursor, data, xml_len, "the libvirt domain XML")
@@ -225,27 +246,41 @@ def _probe_stream_start(cursor: Cursor) -> None:
     """A ``file:PATH,offset=N`` save keeps whatever the management tool put in front;
     look for the QEVM v3 magic in the first MiB (an explicit offset skips this)."""
     buf, base = cursor.window(cursor.pos, min(cursor.size - cursor.pos, STREAM_PROBE_LIMIT))
-    at = buf.find(S.QevmHeader.build({"version": QEVM_VERSION}), cursor.pos - base, STREAM_PROBE_LIMIT)
+    at = buf.find(H.QEVM_HEADER.pack(QEVM_MAGIC, QEVM_VERSION), cursor.pos - base, STREAM_PROBE_LIMIT)
     if at > 0:
         cursor.skip_to(base + at, "the bytes in front of the stream")
 
 
 def _configuration(cursor: Cursor) -> Configuration:
-    head = cursor.parse(S.ConfigurationHead, "the configuration section (machine name)")
+    """vmstate_configuration (structs.ConfigurationHead, ConfigSubsection): the machine
+    name, then the subsections; an unknown one has its head read, as the schema's Switch
+    does."""
+    start, what = cursor.pos, "the configuration section (machine name)"
+    _take(cursor, start, 1, what)  # 0x07, seen by the caller
+    (length,) = H.NAME32_LENGTH.unpack(_take(cursor, start, H.NAME32_LENGTH.size, what))
+    machine = _text(_take(cursor, start, length, what), start, what, "machine")
     capabilities: tuple[str, ...] = ()
     target_page_bits = uuid = None
     while cursor.byte("a configuration subsection or a section") == SectionType.SUBSECTION:
-        sub = cursor.parse(S.ConfigSubsection, "a known configuration subsection")
-        name = sub.head.name
+        start, what = cursor.pos, "a known configuration subsection"
+        _take(cursor, start, 1, what)  # 0x05
+        name = _text(_take(cursor, start, _take(cursor, start, 1, what)[0], what), start, what, "head.name")
+        _take(cursor, start, H.SUBSECTION_VERSION.size, what)
         if name == SUB_CAPABILITIES:
-            capabilities = tuple(sub.body.names)
+            (count,) = H.CAPABILITY_COUNT.unpack(_take(cursor, start, H.CAPABILITY_COUNT.size, what))
+            if count > cursor.size - cursor.pos:  # each name takes a byte at least
+                raise FormatError(start, what, f"the end of the file at {cursor.size:#x}")
+            names = []
+            for _ in range(count):
+                names.append(_text(_take(cursor, start, _take(cursor, start, 1, what)[0], what), start, what, "names"))
+            capabilities = tuple(names)
         elif name == SUB_TARGET_PAGE_BITS:
-            bits = sub.body.bits
+            (bits,) = H.TARGET_PAGE_BITS.unpack(_take(cursor, start, H.TARGET_PAGE_BITS.size, what))
             if not MIN_PAGE_BITS <= bits <= MAX_PAGE_BITS:
                 raise FormatError(
                     cursor.pos - 4, f"target page bits between {MIN_PAGE_BITS} and {MAX_PAGE_BITS}", str(bits)
                 )
             target_page_bits = bits
         elif name == SUB_UUID:
-            uuid = sub.body.uuid.hex()
-    return Configuration(head.machine, capabilities, target_page_bits, uuid)
+            uuid = _take(cursor, start, H.UUID_SIZE, what).hex()
+    return Configuration(machine, capabilities, target_page_bits, uuid)

@@ -3,7 +3,8 @@
 The opening (START) payload is the MEM_SIZE word and the block list; what follows
 until EOS depends on the mode's policy: under mapped-ram only EOS words (the pages are
 at the offsets the block headers give), in a classic stream PAGE/ZERO records, which
-the walker indexes here as it passes them.
+the walker indexes here as it passes them (with numpy, imported there: a mapped-ram
+file is read without it).
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ from __future__ import annotations
 import struct
 from abc import ABC, abstractmethod
 from array import array
-from typing import Callable, NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from ..errors import FormatError
-from ..formats import structs as S
+from ..formats import headers as H
 from ..formats.bitmap import BitmapLayout
 from ..formats.constants import MAPPED_RAM_VERSION, RamFlag
 from ..formats.layout import HEADER_FIELDS, HEADER_SIZE, parsed_place, valid_page_size
@@ -25,7 +24,10 @@ from .blocks import MappedRamBlock, RamBlock, StreamRamBlock
 from .elements import Problem
 from .source import Cursor, Source
 
-_WORD = S.RamWord.sizeof()
+if TYPE_CHECKING:
+    import numpy as np
+
+_WORD = H.RAM_WORD.size
 # RAM blocks read at most. QEMU machines have dozens (RAM, ROMs, video RAM); memory
 # hotplug adds at most 256 DIMM slots (ACPI) and one block per virtio-mem device. A block
 # costs this process about 2 KiB, its entry in the file 40 bytes: the cap keeps a file of
@@ -33,9 +35,8 @@ _WORD = S.RamWord.sizeof()
 MAX_BLOCKS = 1 << 13
 # A block entry (structs.RamBlockEntry) read with struct: u8 idlen, idstr, be64
 # used_length, [be64 addr], [MappedRamHeader]; construct costs ~50 us an entry.
-_U64 = struct.Struct(">Q")
-_MAPPED_RAM_HEADER = struct.Struct(">IQQQ")  # version, page_size, bitmap_offset, pages_offset
-assert _MAPPED_RAM_HEADER.size == S.MAPPED_RAM_HEADER_SIZE
+_U64 = H.RAM_WORD
+_MAPPED_RAM_HEADER = H.MAPPED_RAM_HEADER  # version, page_size, bitmap_offset, pages_offset
 _RECORD_HEAD = _WORD + 1 + 255 + 1  # a word, a block name, a zero page's fill byte
 _PAGE_OR_ZERO = RamFlag.PAGE | RamFlag.ZERO
 _MIN_RUN = 16  # records a numpy run must hold to be worth its set-up
@@ -92,6 +93,8 @@ class RunLog:
     def add_run(self, pages: np.ndarray, data_offset: int | None) -> None:
         """Records of ``pages`` one stride apart, the first one's data at ``data_offset``
         (None for ZERO records): split where the pages are not consecutive."""
+        import numpy as np
+
         if data_offset is None:
             pages = pages[np.concatenate(([True], np.diff(pages) != 0))]  # zeroed again: once
         starts = np.flatnonzero(np.diff(pages) != 1) + 1
@@ -115,6 +118,8 @@ class RunLog:
         at.frombytes(offsets.astype(np.int64).tobytes())
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import numpy as np
+
         return tuple(np.frombuffer(a, dtype=np.int64) for a in (self.first, self.count, self.offset))  # type: ignore[return-value]
 
 
@@ -144,6 +149,8 @@ class PageIndex:
 
     def count(self, name: str) -> int:
         """Pages of ``name`` whose last record holds data."""
+        import numpy as np
+
         firsts, counts, offsets, _ = self._runs(name)
         if np.all(firsts[1:] >= firsts[:-1] + counts[:-1]):  # in page order, each page once
             return int(counts[offsets >= 0].sum())
@@ -151,6 +158,8 @@ class PageIndex:
 
     def pages(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(page numbers, file offsets) of the pages the stream holds, sorted by page."""
+        import numpy as np
+
         firsts, counts, offsets, stride = self._runs(name)
         within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
         pages = np.repeat(firsts, counts) + within
@@ -165,6 +174,8 @@ def _continue_run(buf: bytes, base: int, at: int, flags: int, page_size: int, nu
     """Log the run of records from ``at`` that all carry ``flags`` (CONTINUE|PAGE: a word
     and a page; CONTINUE|ZERO: a word and a fill byte of 0) with a page inside the block
     and lie wholly in ``buf``; return the bytes taken (0: let the record loop judge)."""
+    import numpy as np
+
     is_page = flags & RamFlag.PAGE
     stride = _WORD + (page_size if is_page else 1)
     count = (base + len(buf) - at) // stride

@@ -9,7 +9,8 @@ import numpy as np
 
 from .blocks import Progress, new_buffer, not_in_file
 from .copy_plan import GAP, copy_plan, copy_range
-from .forward import ForwardSnapshot, extract_forward, open_image
+from .forward import ForwardSnapshot, extract_forward
+from .images import open_image
 from .output import output_file
 from .parallel_load import RestoreStats
 from .snapshot import Snapshot

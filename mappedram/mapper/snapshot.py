@@ -11,22 +11,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from ..errors import FormatError
 from ..formats.bitmap import LITTLE_ENDIAN_64, BitmapLayout
 from ..formats.constants import CAP_IGNORE_SHARED, RAM_IDSTR
 from ..formats.policy import Mode, ModePolicy, libvirt_stream_problem, policy_for
 from .blocks import Progress, RamBlock
-from .devstate import device_state
 from .elements import Problem, Section
-from .parallel_load import RestoreStats, load_blocks
 from .prologue import LIBVIRT_FORMAT_AT, LibvirtHeader, Prologue, read_prologue
 from .ram_section import MappedRamSectionReader, PageIndex, RamSectionReader, StreamRamSectionReader
 from .source import Source
-from .stale import stale_slots
 from .vmdesc import find_vmdesc, load_vmdesc
 from .walker import StreamWalker
+
+if TYPE_CHECKING:
+    from .parallel_load import RestoreStats
 
 __all__ = ["LibvirtHeader", "Problem", "Section", "Snapshot", "open"]
 
@@ -35,6 +35,8 @@ DEFAULT_PAGE_SIZE = 4096
 
 class Snapshot:
     """A snapshot file. Use as a context manager, or call ``close()``."""
+
+    one_pass = False  # True for a ForwardSnapshot: its pages can be read once, front to back
 
     def __init__(
         self,
@@ -236,6 +238,8 @@ class Snapshot:
         bytes) in parallel. Pages absent from the file come out as zero: with ``zero_fill``
         they are cleared (needed for a reused buffer; a fresh ``np.zeros`` is zero already).
         Blocks not named in ``targets`` are skipped."""
+        from .parallel_load import load_blocks  # numpy: imported by what restores, not by opening
+
         blocks = [self.block(name) for name in targets]
         return load_blocks(
             self.path, blocks, self.policy, targets, channels=channels, zero_fill=zero_fill, progress=progress
@@ -244,11 +248,18 @@ class Snapshot:
     # -- summaries ------------------------------------------------------------------
     def device_state(self, idstr: str, instance_id: int = 0) -> dict[str, Any]:
         """One device section decoded with the VM description (mapper/devstate.py)."""
+        from .devstate import device_state
+
         return device_state(self, idstr, instance_id)
 
     def describe(self, sections: bool = True, stale: bool = False) -> dict[str, Any]:
         """The stable JSON form of ``mappedram dump --json`` (see README). ``stale``: count
         each mapped-ram block's stale slots (reads the clear slots that hold data)."""
+        slots: list[int | None] = [None] * len(self.blocks)
+        if stale:
+            from .stale import stale_slots  # numpy: imported when asked for
+
+            slots = [stale_slots(b, self.size) for b in self]
         out: dict[str, Any] = {
             "file": self.path,
             "size": self.size,
@@ -263,7 +274,7 @@ class Snapshot:
             "page_size": self.page_size,
             "ram_total": self.ram_total,
             "ram_section_offset": self.ram_section_offset,
-            "blocks": [{**b.describe(), "stale_slots": stale_slots(b, self.size) if stale else None} for b in self],
+            "blocks": [{**b.describe(), "stale_slots": count} for b, count in zip(self, slots)],
             "vmdesc": None
             if self.vmdesc_location is None
             else {"offset": self.vmdesc_location[0], "json_length": self.vmdesc_location[1]},

@@ -13,11 +13,12 @@ access (the VM description at the end, a block's bitmap and pages) asks ``Source
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
-
-from construct import ConstError, Construct, ConstructError, StreamError
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import FormatError
+
+if TYPE_CHECKING:
+    from construct import Construct, ConstructError
 
 # Bytes the cursor reads ahead at once: big enough that a classic stream's record walk
 # costs one pread per MiB, small enough to be nothing next to the file.
@@ -31,6 +32,8 @@ UNKNOWN_SIZE = 1 << 62
 
 
 def _construct_reason(err: ConstructError) -> str:
+    from construct import ConstError
+
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     path = lines[0].removeprefix("Error in path ").replace("(parsing)", "").strip(" ->") if lines else ""
     reason = lines[-1].removeprefix("parsing ") if lines else type(err).__name__
@@ -40,6 +43,8 @@ def _construct_reason(err: ConstructError) -> str:
 
 
 def _parse(schema: Construct, stream: Any, offset: int, size: Callable[[], int], what: str, **context: Any) -> Any:
+    from construct import ConstructError, StreamError  # imported by who parses with a schema
+
     try:
         return schema.parse_stream(stream, **context)
     except StreamError:

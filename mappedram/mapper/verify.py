@@ -1,7 +1,8 @@
 """Structural checks of a snapshot file: ``mappedram verify``.
 
-Reads the stream, the block headers and the bitmaps, never the page data (unless
-hashes are asked for). Each problem carries the file offset it was found at.
+Reads the stream, the block headers and the bitmaps' last words, never the page data
+(unless hashes are asked for, which import numpy). Each problem carries the file offset
+it was found at.
 """
 
 from __future__ import annotations
@@ -9,18 +10,18 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import FormatError
 from ..formats.constants import RAM_IDSTR
 from .blocks import MappedRamBlock, RamBlock
-from .copy_plan import GAP, copy_plan, zero_chunks
 from .elements import Problem
-from .forward import ForwardSnapshot, InOrderHashes, open_image
+from .images import open_image
 from .snapshot import Snapshot
 from .source import read_exact
+
+if TYPE_CHECKING:
+    import numpy as np
 
 HASH_PIECE = 8 << 20  # bytes read and hashed at once
 # A block's sha256 feeds its clear pages as zeros, which costs time (about 1 s per GiB)
@@ -92,7 +93,11 @@ def verify(
         return report
     with snap:
         try:
-            forward = InOrderHashes(list(snap)) if hash_blocks and isinstance(snap, ForwardSnapshot) else None
+            forward = None
+            if hash_blocks and snap.one_pass:  # a compressed image: hashed as its pages pass
+                from .forward import InOrderHashes  # noqa: PLC0415  (only for these images)
+
+                forward = InOrderHashes(list(snap))
             if forward is not None:
                 snap.consume(forward)  # the image's one pass, before the checks walk it
             _check(snap, report)
@@ -260,6 +265,8 @@ def block_sha256(block: RamBlock, progress: Callable[[int], None] | None = None)
 
 def block_sparse_digest(block: RamBlock, progress: Callable[[int], None] | None = None) -> SparseDigest:
     """The block's SparseDigest: only its populated pages are read (time follows the file)."""
+    import numpy as np
+
     page_size = block.page_size
     data, numbers = hashlib.sha256(), hashlib.sha256()
     nonzero_pages = 0
@@ -282,6 +289,8 @@ def _pieces(block: RamBlock, *, zeros: bool, progress: Callable[[int], None] | N
     """The block's bytes in page order along its copy plan, read into one buffer of
     whole pages (at least one): with ``zeros``, every byte, clear ranges as views of a
     shared zero buffer; without, (first page, bytes) of the populated pages only."""
+    from .copy_plan import GAP, copy_plan, zero_chunks
+
     page_size = block.page_size
     piece = max(HASH_PIECE // page_size, 1) * page_size
     buffer = memoryview(bytearray(min(piece, max(block.used_length, 1))))
@@ -308,5 +317,7 @@ def _pieces(block: RamBlock, *, zeros: bool, progress: Callable[[int], None] | N
 
 def _runs(mask: np.ndarray) -> tuple[list[int], list[int]]:
     """(firsts, lengths) of the runs of True in a bool array."""
+    import numpy as np
+
     edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
     return edges[::2].tolist(), (edges[1::2] - edges[::2]).tolist()

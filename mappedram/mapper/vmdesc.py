@@ -7,20 +7,20 @@ import re
 import struct
 from typing import Any
 
-import numpy as np
-
-from ..formats.structs import VmDescriptionHead
+from ..formats.headers import VMDESC_HEAD
 from .source import Source
 
 # The description is "for analysis only" and sits at the very end; how far back from the
 # end we look for its marker. A description larger than this is treated as absent.
 VMDESC_SEARCH_LIMIT = 64 << 20
 _SCAN_CHUNK = 1 << 20
-_HEAD = VmDescriptionHead.sizeof()
+_HEAD = VMDESC_HEAD.size
 # QEMU's descriptions nest 13 deep (devices, fields, struct, fields, ...); the json module
 # recurses once per level, so deeper text is refused before it is parsed.
 MAX_DEPTH = 100
 _ESCAPE = re.compile(rb"\\.", re.DOTALL)  # a backslash and the character it escapes
+_SQUARE = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
 def find_vmdesc(src: Source) -> tuple[int, int] | None:
@@ -80,12 +80,17 @@ def _first_too_deep(data: bytes) -> int | None:
 
     The json module recurses once per level (100,000 ``[`` exhaust the stack). An escape
     and the character it escapes are blanked first (same length, so offsets stay); then
-    quotes toggle strings and the depth is a running sum, a chunk at a time in numpy.
+    quotes toggle strings and the depth is a running sum, a chunk at a time in numpy
+    (imported only when ``_shallow`` cannot tell: QEMU's descriptions need no numpy).
     """
     if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
         return None
     if b"\\" in data:
         data = _ESCAPE.sub(b"__", data)
+    if len(data) <= _SCAN_CHUNK and _shallow(data):
+        return None
+    import numpy as np
+
     in_string, depth = 0, 0
     for base in range(0, len(data), _SCAN_CHUNK):
         chunk = np.frombuffer(data, np.uint8, min(_SCAN_CHUNK, len(data) - base), base)
@@ -100,6 +105,20 @@ def _first_too_deep(data: bytes) -> int | None:
         in_string = (in_string + int(quotes[-1])) & 1
         depth = int(level[-1])
     return None
+
+
+def _shallow(data: bytes) -> bool:
+    """True when no bracket outside strings of ``data`` (its escapes blanked) nests
+    deeper than MAX_DEPTH (False: not known). The brackets outside strings, innermost
+    pairs removed MAX_DEPTH times, leave no opening one: a chain of MAX_DEPTH + 1 open
+    brackets would leave its outermost."""
+    brackets = b"".join(data.split(b'"')[::2]).translate(_SQUARE, _NOT_BRACKETS)
+    for _ in range(MAX_DEPTH):
+        inner_gone = brackets.replace(b"[]", b"")
+        if len(inner_gone) == len(brackets):
+            break
+        brackets = inner_gone
+    return b"[" not in brackets
 
 
 def check_description(value: Any, file_size: int) -> None:

@@ -2,6 +2,8 @@
 
 ``register(subparsers)`` adds them; ``COMMANDS`` maps each name to its handler. Errors
 are one line on stderr; diff exits like ``cmp`` (0 identical, 1 different, 2 trouble).
+The handlers import their modules (numpy, the plots) when they run: registering them
+costs the other commands nothing.
 """
 
 from __future__ import annotations
@@ -10,15 +12,15 @@ import argparse
 import json
 import sys
 from contextlib import ExitStack
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .. import cli_args
 from ..errors import FormatError
 from ..mapper.snapshot import Snapshot
 from ..textsafe import printable
-from . import plot
-from .diff import DiffResult, NotComparable, diff
-from .report import write_report
+
+if TYPE_CHECKING:
+    from .diff import DiffResult
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_TROUBLE = 0, 1, 2  # report: 1 is "invalid", as for verify
 SHOWN_RUNS = 8  # runs listed per block in the text form; --json lists all
@@ -130,6 +132,8 @@ def _picture_problem(path: str | None) -> str | None:
     """Why a picture cannot be written to ``path`` (checked before any work), or None."""
     if path is None:
         return None
+    from . import plot
+
     try:
         plot.image_format(path)
         plot.require_matplotlib()
@@ -139,6 +143,8 @@ def _picture_problem(path: str | None) -> str | None:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
+    from . import plot
+
     if why := _picture_problem(args.plot):
         _err(f"{why}")
         return EXIT_TROUBLE
@@ -161,6 +167,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 def _run_diff(args: argparse.Namespace) -> DiffResult | None:
     """The comparison, or None after printing why there is none."""
+    from .diff import NotComparable, diff
+
     with ExitStack() as stack:
         snaps = []
         for path in (args.a, args.b):
@@ -182,6 +190,8 @@ def _run_diff(args: argparse.Namespace) -> DiffResult | None:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    from . import plot
+
     if why := _picture_problem(args.output):
         _err(f"{why}")
         return EXIT_TROUBLE
@@ -192,6 +202,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
     verdict = write_report(args.file, args.output, overwrite=args.force, **cli_args.open_args(args))
     count = len(verdict.problems)
     state = "valid" if verdict.ok else f"invalid, {count} problem{'s' if count != 1 else ''}"
