@@ -14,6 +14,7 @@ from typing import Callable
 
 from .. import cli_args
 from ..errors import FormatError
+from ..mapper.output import check_output
 from ..mapper.snapshot import Snapshot
 from ..textsafe import printable
 from . import plot
@@ -144,8 +145,6 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         return EXIT_TROUBLE
     try:
         result = _run_diff(args)
-        if result is not None and args.plot:
-            plot.save(plot.diff_figure(result), args.plot, overwrite=args.force)
     except OSError as err:
         _err(f"{err.filename or args.a}: {err.strerror or err}")
         return EXIT_TROUBLE
@@ -160,25 +159,36 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _run_diff(args: argparse.Namespace) -> DiffResult | None:
-    """The comparison, or None after printing why there is none."""
+    """The comparison (and its --plot picture), or None after printing why there is none."""
     with ExitStack() as stack:
         snaps = []
         for path in (args.a, args.b):
             try:
-                snap = stack.enter_context(Snapshot(path, **cli_args.open_args(args)))
-                for block in snap.blocks.values():  # bitmaps counted, a stream's records walked
-                    _ = block.populated  # here, so that an error names its file
+                snaps.append(stack.enter_context(Snapshot(path, **cli_args.open_args(args))))
             except FormatError as err:
                 _err(f"{path}: {err}")
                 return None
-            snaps.append(snap)
+        inputs = [snap.fd for snap in snaps]
+        if args.plot:  # before any work: the picture may replace neither input
+            check_output(args.plot, overwrite=args.force, source_fds=inputs)
+        for snap in snaps:
+            try:
+                for block in snap.blocks.values():  # bitmaps counted, a stream's records walked
+                    _ = block.populated  # here, so that an error names its file
+            except FormatError as err:
+                _err(f"{snap.path}: {err}")
+                return None
         try:
-            return diff(*snaps, workers=args.workers)
+            result = diff(*snaps, workers=args.workers)
         except NotComparable as err:
             _err(f"{args.a}, {args.b}: {err}")
+            return None
         except FormatError as err:  # page data past the end: the reader names the file
             _err(f"{err}")
-        return None
+            return None
+        if args.plot:
+            plot.save(plot.diff_figure(result), args.plot, overwrite=args.force, source_fds=inputs)
+        return result
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -186,7 +196,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         _err(f"{why}")
         return EXIT_TROUBLE
     with Snapshot(args.file, **cli_args.open_args(args)) as snap:
-        plot.save(plot.snapshot_figure(snap), args.output, overwrite=args.force)
+        check_output(args.output, overwrite=args.force, source_fds=[snap.fd])  # before any work
+        plot.save(plot.snapshot_figure(snap), args.output, overwrite=args.force, source_fds=[snap.fd])
     _out(f"{args.output}: layout and population of {args.file}")
     return EXIT_OK
 

@@ -72,8 +72,11 @@ def render(fig: Figure, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def save(fig: Figure, path: str | os.PathLike[str], *, overwrite: bool = True) -> None:
-    write_output(path, render(fig, image_format(path)), overwrite=overwrite)
+def save(
+    fig: Figure, path: str | os.PathLike[str], *, overwrite: bool = True, source_fds: Sequence[int] = ()
+) -> None:
+    """The picture as ``path`` (.png or .svg); ``source_fds``: the snapshot(s) it shows."""
+    write_output(path, render(fig, image_format(path)), overwrite=overwrite, source_fds=source_fds)
 
 
 def _size_ticks(limit: int) -> tuple[list[int], list[str]]:

@@ -15,7 +15,9 @@ from typing import Any, Iterable, Sequence
 
 from .. import __version__
 from ..errors import FormatError
+from ..mapper.output import check_output
 from ..mapper.snapshot import Snapshot
+from ..mapper.source import Source
 from ..mapper.verify import Report, verify
 from ..progress import human
 from . import plot
@@ -253,7 +255,13 @@ def render_report(path: str | os.PathLike[str], **open_args: Any) -> tuple[str, 
 def write_report(
     path: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = True, **open_args: Any
 ) -> Report:
-    """Write the page to ``out`` (appears only when complete); returns verify's report."""
-    page, report = render_report(path, **open_args)
-    write_output(out, page.encode("utf-8"), overwrite=overwrite)
+    """Write the page to ``out`` (appears only when complete); returns verify's report.
+    ``out`` may not be the input, nor exist without ``overwrite``: refused before any work."""
+    src = Source(path)
+    try:
+        check_output(out, overwrite=overwrite, source_fds=[src.fd])
+        page, report = render_report(path, **open_args)
+        write_output(out, page.encode("utf-8"), overwrite=overwrite, source_fds=[src.fd])
+    finally:
+        src.close()
     return report

@@ -1,0 +1,90 @@
+"""The findings of the independent review (notes/review-findings.md), each with a test
+that fails without its fix."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+
+import pytest
+from craft import pattern_block, write_snapshot
+
+import mappedram
+from mappedram.cli import main
+from mappedram.visual import commands, plot, report
+
+pytest.importorskip("matplotlib")
+
+# The picture/page commands, each given (input A, input B, output).
+VISUAL = {
+    "plot": lambda a, b, out: ["plot", a, "-o", out],
+    "report": lambda a, b, out: ["report", a, "-o", out],
+    "diff-plot": lambda a, b, out: ["diff", a, b, "--plot", out],
+}
+
+
+@pytest.fixture
+def pair(tmp_path):
+    a = write_snapshot(tmp_path / "a.sav", {"pc.ram": pattern_block(8, zero=(2,))})
+    b = write_snapshot(tmp_path / "b.sav", {"pc.ram": pattern_block(8, zero=(3,))})
+    return a, b
+
+
+def _sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _one_error_line(capsys, path, text):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"mappedram: {path}: ") and text in err, err
+
+
+# -- 1. the pictures and the report never replace an input ----------------------------------
+@pytest.mark.parametrize("kind, which", [("plot", "a"), ("report", "a"), ("diff-plot", "a"), ("diff-plot", "b")])
+@pytest.mark.parametrize("via", ["same", "symlink", "hardlink"])
+def test_visual_output_onto_an_input_refused(pair, tmp_path, capsys, kind, via, which):
+    target = pair[0] if which == "a" else pair[1]
+    before = _sha(target)
+    out = {"same": target, "symlink": tmp_path / "l.svg", "hardlink": tmp_path / "h.svg"}[via]
+    if via == "symlink":
+        out.symlink_to(target)
+    elif via == "hardlink":
+        os.link(target, out)
+    if kind != "report" and via == "same":  # the picture's name must end in .png/.svg
+        out = tmp_path / "s.png"
+        os.rename(target, out)
+        target = out
+        pair = (out, pair[1]) if which == "a" else (pair[0], out)
+    assert main([*VISUAL[kind](str(pair[0]), str(pair[1]), str(out)), "--force"]) == 2
+    _one_error_line(capsys, out, "is the input file")
+    assert _sha(target) == before and mappedram.verify(target).ok
+
+
+@pytest.mark.parametrize("kind", VISUAL)
+def test_visual_output_refused_before_the_work(pair, tmp_path, capsys, monkeypatch, kind):
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the work began before the output was checked")
+
+    monkeypatch.setattr(plot, "snapshot_figure", not_reached)
+    monkeypatch.setattr(report, "render_report", not_reached)
+    monkeypatch.setattr(commands, "diff", not_reached)
+    out = tmp_path / "exists.svg"
+    out.write_bytes(b"keep me")
+    assert main(VISUAL[kind](str(pair[0]), str(pair[1]), str(out))) == 2
+    _one_error_line(capsys, out, "exists; give --force")
+    assert out.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("kind", VISUAL)
+def test_visual_output_no_more_readable_than_its_inputs(pair, tmp_path, capsys, kind):
+    old = os.umask(0)
+    try:
+        os.chmod(pair[0], 0o640)
+        os.chmod(pair[1], 0o604)
+        out = tmp_path / "out.svg"
+        assert main(VISUAL[kind](str(pair[0]), str(pair[1]), str(out))) in (0, 1)
+    finally:
+        os.umask(old)
+    expected = {"plot": 0o640, "report": 0o640, "diff-plot": 0o600}[kind]
+    assert stat.S_IMODE(os.stat(out).st_mode) == expected
