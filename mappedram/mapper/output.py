@@ -45,9 +45,7 @@ def refused(path: str, code: int, text: str) -> OSError:
     return OSError(code, text, path)
 
 
-def check_output(
-    path: str | os.PathLike[str], *, overwrite: bool, source_fds: Sequence[int] = ()
-) -> None:
+def check_output(path: str | os.PathLike[str], *, overwrite: bool, source_fds: Sequence[int] = ()) -> None:
     """Refuse (OSError naming ``path``) a target that is not a regular file or nothing, is
     one of the inputs ``source_fds``, or exists without ``overwrite``; create nothing."""
     name = os.fspath(path)

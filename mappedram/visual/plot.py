@@ -72,9 +72,7 @@ def render(fig: Figure, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def save(
-    fig: Figure, path: str | os.PathLike[str], *, overwrite: bool = True, source_fds: Sequence[int] = ()
-) -> None:
+def save(fig: Figure, path: str | os.PathLike[str], *, overwrite: bool = True, source_fds: Sequence[int] = ()) -> None:
     """The picture as ``path`` (.png or .svg); ``source_fds``: the snapshot(s) it shows."""
     write_output(path, render(fig, image_format(path)), overwrite=overwrite, source_fds=source_fds)
 
