@@ -3,15 +3,19 @@ that fails without its fix."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import os
 import stat
 
 import pytest
+from conftest import fixture_file
 from craft import pattern_block, write_snapshot
 
 import mappedram
 from mappedram.cli import main
+from mappedram.mapper.encoder import DeviceState
 from mappedram.visual import commands, plot, report
 
 pytest.importorskip("matplotlib")
@@ -88,3 +92,44 @@ def test_visual_output_no_more_readable_than_its_inputs(pair, tmp_path, capsys, 
         os.umask(old)
     expected = {"plot": 0o640, "report": 0o640, "diff-plot": 0o600}[kind]
     assert stat.S_IMODE(os.stat(out).st_mode) == expected
+
+
+# -- 2. names from the VM description are escaped in dump --state and in the report ---------
+RENAMED = {"env.regs": "\x1bXY", "env.eip": "\u20282"}  # an ESC; a line separator
+
+
+@pytest.fixture(scope="module")
+def renamed_fields(tmp_path_factory):
+    """fixture A's devices, whose description names two cpu fields with control characters."""
+    with mappedram.open(fixture_file("pc64-a-paused-mr.bin")) as snap:
+        devices = DeviceState.from_snapshot(snap)
+    descriptions = copy.deepcopy(devices.descriptions)
+    cpu = next(d for d in descriptions if d["name"] == "cpu")
+    for f in cpu["fields"]:
+        f["name"] = RENAMED.get(f["name"], f["name"])
+    devices = dataclasses.replace(devices, descriptions=descriptions)
+    path = tmp_path_factory.mktemp("vd") / "vd.sav"
+    return write_snapshot(path, {"pc.ram": pattern_block(4)}, devices=devices, machine_type=devices.machine_type)
+
+
+def test_dump_state_escapes_field_names(renamed_fields, capsys):
+    assert mappedram.verify(renamed_fields).ok
+    assert main(["dump", str(renamed_fields), "--state"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u2028" not in out
+    lines = out.split("\n")
+    assert any(line.strip().startswith("\\x1bXY: [0x") for line in lines)
+    assert any(line.strip().startswith("\\u20282: 0x") for line in lines)
+    assert all(line.isprintable() for line in lines)
+
+
+def test_report_escapes_control_characters(renamed_fields, tmp_path, monkeypatch):
+    monkeypatch.setattr(report.plot, "snapshot_figure", _no_matplotlib)
+    page, verdict = report.render_report(renamed_fields)
+    assert verdict.ok
+    assert "\\x1bXY" in page and "\\u20282" in page  # in the devices table's first fields
+    assert all(ch.isprintable() or ch == "\n" for ch in page)
+
+
+def _no_matplotlib(snap):
+    raise plot.MissingMatplotlib("no picture in this test")

@@ -3,14 +3,14 @@
 Header, capabilities, verify's verdict and problems, the RAM blocks, the file's layout,
 the device sections (with what the VM description says of them) and the pictures,
 inline as data: URIs. No script, no network: a Content-Security-Policy forbids both,
-and every string taken from the file is HTML-escaped.
+and every string taken from the file is escaped (``escape``).
 """
 
 from __future__ import annotations
 
 import base64
+import html
 import os
-from html import escape
 from typing import Any, Iterable, Sequence
 
 from .. import __version__
@@ -20,9 +20,17 @@ from ..mapper.snapshot import Snapshot
 from ..mapper.source import Source
 from ..mapper.verify import Report, verify
 from ..progress import human
+from ..textsafe import printable
 from . import plot
 from .layout import KINDS, layout
 from .output import write_output
+
+
+def escape(text: str) -> str:
+    """Text for the page: what is not printable shown escaped (as on the terminal), then
+    the HTML specials; a control character or NUL from the file never reaches the page."""
+    return html.escape(printable(text))
+
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """
