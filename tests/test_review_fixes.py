@@ -8,6 +8,8 @@ import dataclasses
 import hashlib
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 from conftest import fixture_file
@@ -133,3 +135,41 @@ def test_report_escapes_control_characters(renamed_fields, tmp_path, monkeypatch
 
 def _no_matplotlib(snap):
     raise plot.MissingMatplotlib("no picture in this test")
+
+
+# -- 3. only a regular file is read: a FIFO does not hang, a device is not "malformed" ---------
+def test_fifo_input_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "ff"
+    os.mkfifo(fifo)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    for argv in (["dump", str(fifo)], ["verify", str(fifo), "--json"], ["report", str(fifo), "-o", "r.html"]):
+        run = subprocess.run(
+            [sys.executable, "-m", "mappedram", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert run.returncode == 2, run
+        assert "not a regular file (a FIFO or pipe)" in run.stdout + run.stderr
+    assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("path, kind", [("/dev/zero", "a character device"), ("/dev/urandom", "a character device")])
+def test_device_input_refused(capsys, path, kind):
+    assert main(["dump", path]) == 2
+    assert capsys.readouterr().err == f"mappedram: {path}: not a regular file ({kind}); give the snapshot file\n"
+
+
+def test_directory_and_fifo_refused_by_the_library(tmp_path, pair):
+    fifo = tmp_path / "ff"
+    os.mkfifo(fifo)
+    for path, kind in ((tmp_path, "a directory"), (fifo, "a FIFO or pipe")):
+        with pytest.raises(OSError, match=rf"not a regular file \({kind}\)") as err:
+            mappedram.open(path)
+        assert err.value.filename == str(path)
+    with pytest.raises(OSError, match="a FIFO or pipe"):
+        mappedram.diff(pair[0], fifo)
+    with mappedram.open(pair[0]) as snap:  # a regular file reads as before
+        assert os.get_blocking(snap.fd) and snap.block("pc.ram").populated == 7
