@@ -10,10 +10,11 @@ import os
 import stat
 import subprocess
 import sys
+from xml.etree import ElementTree
 
 import pytest
 from conftest import fixture_file
-from craft import pattern_block, write_snapshot
+from craft import patch, pattern_block, write_snapshot
 
 import mappedram
 from mappedram.cli import main
@@ -173,3 +174,39 @@ def test_directory_and_fifo_refused_by_the_library(tmp_path, pair):
         mappedram.diff(pair[0], fifo)
     with mappedram.open(pair[0]) as snap:  # a regular file reads as before
         assert os.get_blocking(snap.fd) and snap.block("pc.ram").populated == 7
+
+
+# -- 4. names reach matplotlib escaped; its warnings do not reach stderr; the SVG is XML ------
+EVIL = "evil\nmappedram: x.bin: valid\x1b[31m"
+
+
+@pytest.fixture(scope="module")
+def evil_names(tmp_path_factory):
+    """Blocks named with a newline and ESC, 250 characters, and a NUL (patched in: the
+    writer refuses it)."""
+    path = tmp_path_factory.mktemp("evil") / "evil.sav"
+    write_snapshot(path, {EVIL: pattern_block(4), "x" * 250: pattern_block(1), "xNy": pattern_block(2)})
+    with mappedram.open(path) as snap:
+        entry = snap.block("xNy").entry_offset  # the name's length byte, then the name
+    patch(path, entry + 2, b"\0")
+    with mappedram.open(path) as snap:
+        assert "x\0y" in snap.blocks
+    return path
+
+
+@pytest.mark.parametrize("kind", ["plot", "diff-plot", "report"])
+def test_pictures_of_evil_names(evil_names, tmp_path, kind):
+    out = tmp_path / ("out.html" if kind == "report" else "out.svg")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    argv = VISUAL[kind](str(evil_names), str(evil_names), str(out))
+    run = subprocess.run([sys.executable, "-m", "mappedram", *argv], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""  # no matplotlib warning (missing glyph, layout) on success
+    data = out.read_text()
+    assert "\x1b" not in data and "\0" not in data
+    if kind == "report":
+        assert "x\\x00y" in data and "evil\\x0amappedram: x.bin: valid\\x1b[31m" in data
+    else:
+        ElementTree.parse(out)  # well-formed XML
+        if kind == "plot":
+            assert "x\\x00y" in data and "evil\\x0amappedram: x.bin: valid\\x1b[31m" in data

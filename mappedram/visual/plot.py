@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from ..mapper.snapshot import Snapshot
 from ..progress import human
+from ..textsafe import printable
 from .diff import DiffResult
 from .layout import KINDS, Cells, Segment, cell_grid, cells_from_pages, layout, population
 from .output import write_output
@@ -39,6 +41,14 @@ COLORS = {
 }
 EMPTY_CELL = "#d9d9d9"  # a cell with no page set
 GAMMA = 0.4
+LABEL_CHARS = 80  # of a name from the file in a label; the rest is cut
+
+
+def _text(text: str) -> str:
+    """A label from file text: escaped (no control character reaches matplotlib or the SVG)
+    and cut to LABEL_CHARS."""
+    safe = printable(text)
+    return safe if len(safe) <= LABEL_CHARS else safe[: LABEL_CHARS - 3] + "..."
 
 
 class MissingMatplotlib(ImportError):
@@ -68,7 +78,9 @@ def image_format(path: str | os.PathLike[str]) -> str:
 
 def render(fig: Figure, fmt: str) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=110, metadata={"Software": None} if fmt == "png" else {"Date": None})
+    with warnings.catch_warnings():  # missing glyphs, a layout that does not fit: not the user's business
+        warnings.simplefilter("ignore")
+        fig.savefig(buf, format=fmt, dpi=110, metadata={"Software": None} if fmt == "png" else {"Date": None})
     return buf.getvalue()
 
 
@@ -87,7 +99,7 @@ def _draw_strip(ax: Axes, segments: Sequence[Segment], size: int) -> None:
     for seg in segments:
         ax.broken_barh([(seg.start, seg.size)], (0, 1), facecolor=COLORS[seg.kind], edgecolor="none")
         if seg.size > size * 0.06:
-            ax.text(seg.start + seg.size / 2, 0.5, seg.label, ha="center", va="center", fontsize=7, clip_on=True)
+            ax.text(seg.start + seg.size / 2, 0.5, _text(seg.label), ha="center", va="center", fontsize=7, clip_on=True)
     ax.set_xlim(0, size)
     ax.set_ylim(0, 1)
     ax.set_yticks([])
@@ -105,7 +117,7 @@ def _draw_rows(ax: Axes, segments: Sequence[Segment], size: int) -> None:
     ticks, labels = _size_ticks(size)
     ax.set_xlim(0.8, max(size, 2) * 30)
     ax.set_xticks(ticks, labels, fontsize=7)
-    ax.set_yticks(y, [f"{s.start:#x}  {s.label}" for s in segments], fontsize=6.5, family="monospace")
+    ax.set_yticks(y, [f"{s.start:#x}  {_text(s.label)}" for s in segments], fontsize=6.5, family="monospace")
     ax.set_ylim(len(segments) - 0.5, -0.5)
     for yi, seg in zip(y, segments):
         ax.text(max(seg.size, 1) * 1.15, yi, human(seg.size), va="center", fontsize=6)
@@ -167,13 +179,13 @@ def snapshot_figure(snap: Snapshot) -> Figure:
     _draw_rows(fig.add_subplot(outer[1, 0]), segments, size)
     right = outer[1, 1].subgridspec(max(len(all_cells), 1), 1, height_ratios=heights or [1])
     for i, (block, cells) in enumerate(zip(blocks, all_cells)):
-        title = f"{block.name}: {cells.total}/{block.num_pages} pages present ({human(block.used_length)})"
+        title = f"{_text(block.name)}: {cells.total}/{block.num_pages} pages present ({human(block.used_length)})"
         _draw_cells(fig.add_subplot(right[i, 0]), cells, title, "viridis")
     if all_cells:
         _colorbar(fig, fig.axes[2:], "viridis", "share of the cell's pages present (grey: none)", 0.5)
     handles = [_patch(COLORS[k], label) for k, label in KINDS.items() if any(s.kind == k for s in segments)]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8, frameon=False)
-    fig.suptitle(f"{os.path.basename(snap.path)}: {snap.format}, {len(snap.blocks)} RAM blocks", fontsize=10)
+    fig.suptitle(f"{_text(os.path.basename(snap.path))}: {snap.format}, {len(snap.blocks)} RAM blocks", fontsize=10)
     return fig
 
 
@@ -196,18 +208,19 @@ def diff_figure(result: DiffResult) -> Figure:
         grid = fig.add_gridspec(len(diffs), 1, height_ratios=heights)
         for i, (d, cells) in enumerate(zip(diffs, all_cells)):
             title = (
-                f"{d.name}: {d.count}/{d.num_pages} pages differ ({len(d.changed)} changed, "
+                f"{_text(d.name)}: {d.count}/{d.num_pages} pages differ ({len(d.changed)} changed, "
                 f"{len(d.only_a)} only in A, {len(d.only_b)} only in B)"
             )
             _draw_cells(fig.add_subplot(grid[i, 0]), cells, title, "Reds")
         _colorbar(fig, fig.axes, "Reds", "share of the cell's pages that differ (grey: none)", 0.9)
     verdict = "identical" if result.identical else f"{sum(d.count for d in diffs)} pages differ"
-    fig.suptitle(f"A = {os.path.basename(result.a)}, B = {os.path.basename(result.b)}: {verdict}", fontsize=10)
+    a, b = (_text(os.path.basename(p)) for p in (result.a, result.b))
+    fig.suptitle(f"A = {a}, B = {b}: {verdict}", fontsize=10)
     notes = []
     if same:
-        notes.append(f"identical blocks: {', '.join(same)}")
+        notes.append(f"identical blocks: {', '.join(_text(n) for n in same)}")
     if result.devices:
-        notes.append(f"device state differs: {', '.join(d.idstr for d in result.devices)}")
+        notes.append(f"device state differs: {', '.join(_text(d.idstr) for d in result.devices)}")
     if notes:
         fig.supxlabel("\n".join(_wrap(n) for n in notes), fontsize=8, ha="left", x=0.01)
     return fig
