@@ -210,3 +210,44 @@ def test_pictures_of_evil_names(evil_names, tmp_path, kind):
         ElementTree.parse(out)  # well-formed XML
         if kind == "plot":
             assert "x\\x00y" in data and "evil\\x0amappedram: x.bin: valid\\x1b[31m" in data
+
+
+# -- 5. plot and report stay bounded with thousands of blocks ---------------------------------
+# VmHWM: this process's peak RSS (ru_maxrss would carry the forking parent's over exec)
+MEASURE = """
+import sys
+from mappedram.cli import main
+code = main(sys.argv[1:])
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(code, hwm.split()[1])  # KiB
+"""
+
+
+@pytest.fixture(scope="module")
+def many_blocks(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("many")
+    one = pattern_block(1)
+    a = write_snapshot(directory / "a.sav", {f"b{i}": one for i in range(3000)})
+    b = write_snapshot(directory / "b.sav", {f"b{i}": one if i % 3 else pattern_block(1, seed=2) for i in range(3000)})
+    return a, b
+
+
+@pytest.mark.parametrize("kind", VISUAL)
+def test_many_blocks_bounded_memory(many_blocks, tmp_path, kind):
+    out = tmp_path / ("out.html" if kind == "report" else "out.svg")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    argv = VISUAL[kind](str(many_blocks[0]), str(many_blocks[1]), str(out))
+    run = subprocess.run(  # the timeout only stops a runaway child: nothing here is timed
+        [sys.executable, "-c", MEASURE, *argv], capture_output=True, text=True, env=env, timeout=600
+    )
+    code, peak_kib = map(int, run.stdout.split()[-2:])
+    assert code == (1 if kind == "diff-plot" else 0), run.stderr
+    assert peak_kib < 300 << 10, f"peak RSS {peak_kib >> 10} MiB"
+    text = out.read_text()
+    if kind == "plot":
+        assert "the 24 largest blocks drawn; 2976 smaller blocks not drawn" in text
+        assert "smaller parts not drawn" in text
+    elif kind == "diff-plot":
+        assert "1000 pages differ" in text and "976 more blocks differ in fewer pages, not drawn" in text
+    else:
+        assert text.count("<tr>") > 3000  # the tables list every block; only the picture is capped
