@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 import os
 import stat
 import subprocess
@@ -251,3 +252,37 @@ def test_many_blocks_bounded_memory(many_blocks, tmp_path, kind):
         assert "1000 pages differ" in text and "976 more blocks differ in fewer pages, not drawn" in text
     else:
         assert text.count("<tr>") > 3000  # the tables list every block; only the picture is capped
+
+
+# -- 6. option values: diff --workers bounded, --hash-zeros implies --hash, diff --offset ------
+@pytest.mark.parametrize("value", ["0", "-1", "100000", "x"])
+def test_diff_workers_out_of_range(pair, capsys, value):
+    with pytest.raises(SystemExit) as stop:
+        main(["diff", str(pair[0]), str(pair[1]), "--workers", value])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"expected a number from 1 to 64, found '{value}'" in err and err.count("\n") <= 3  # usage + the line
+    with pytest.raises(ValueError, match="from 1 to 64"):
+        mappedram.diff(pair[0], pair[1], workers=int(value) if value != "x" else 0)
+
+
+def test_hash_zeros_implies_hash(pair, capsys):
+    assert main(["verify", str(pair[0]), "--hash", "--hash-zeros"]) == 0
+    both = capsys.readouterr().out
+    assert main(["verify", str(pair[0]), "--hash-zeros"]) == 0
+    assert capsys.readouterr().out == both
+    ram = mappedram.restore(pair[0])["pc.ram"]
+    assert both == f"{hashlib.sha256(ram.tobytes()).hexdigest()}  pc.ram\n{pair[0]}: valid\n"
+
+
+def test_diff_offset_applies_to_both_files(tmp_path, capsys):
+    prefix = b"\xa5" * (3 << 20)  # past the first MiB: not found without --offset
+    a = write_snapshot(tmp_path / "a.sav", {"pc.ram": pattern_block(8, zero=(2,))}, prefix=prefix)
+    b = write_snapshot(tmp_path / "b.sav", {"pc.ram": pattern_block(8, zero=(5,))}, prefix=prefix)
+    assert main(["diff", str(a), str(b)]) == 2
+    capsys.readouterr()
+    assert main(["diff", str(a), str(b), "--offset", str(len(prefix)), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result == mappedram.diff(a, b, offset=len(prefix)).describe()
+    (ram,) = result["blocks"]
+    assert (ram["name"], ram["pages_differ"], ram["runs"]) == ("pc.ram", 2, [[2, 1], [5, 1]])

@@ -18,7 +18,7 @@ from ..mapper.output import check_output
 from ..mapper.snapshot import Snapshot
 from ..textsafe import printable
 from . import plot
-from .diff import DiffResult, NotComparable, diff
+from .diff import MAX_WORKERS, DiffResult, NotComparable, diff
 from .report import write_report
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_TROUBLE = 0, 1, 2  # report: 1 is "invalid", as for verify
@@ -34,14 +34,11 @@ def _err(line: str) -> None:
     print(printable(f"mappedram: {line}"), file=sys.stderr)
 
 
-def _open_options(parser: argparse.ArgumentParser, offset: bool = True) -> None:
-    if offset:
-        parser.add_argument(
-            "--offset",
-            type=cli_args.file_offset,
-            metavar="N",
-            help="where the QEMU stream starts (the offset= of file:PATH,offset=N)",
-        )
+def _open_options(
+    parser: argparse.ArgumentParser,
+    offset_help: str = "where the QEMU stream starts (the offset= of file:PATH,offset=N)",
+) -> None:
+    parser.add_argument("--offset", type=cli_args.file_offset, metavar="N", help=offset_help)
     parser.add_argument(
         "--page-size",
         type=cli_args.page_size,
@@ -70,10 +67,16 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     d.add_argument("a", metavar="A", help="the first snapshot file")
     d.add_argument("b", metavar="B", help="the second snapshot file")
     d.add_argument("--json", action="store_true", help="print the result as JSON, with every run")
-    d.add_argument("--workers", type=int, default=2, help="threads comparing page data (default 2)")
+    d.add_argument(
+        "--workers",
+        type=cli_args.workers,
+        default=2,
+        metavar="N",
+        help=f"threads comparing page data, 1 to {MAX_WORKERS} (default 2)",
+    )
     d.add_argument("--plot", metavar="OUT", help="also draw where the pages differ, per block (.png or .svg)")
     d.add_argument("--force", action="store_true", help="replace the --plot file if it exists")
-    _open_options(d, offset=False)
+    _open_options(d, "where the QEMU stream starts in both files (the offset= of file:PATH,offset=N)")
     d.set_defaults(file=None)  # main()'s last-resort error paths name args.file; diff names A and B itself
 
     p = sub.add_parser(

@@ -26,6 +26,8 @@ from ..mapper.snapshot import Section, Snapshot
 # Bytes of each file read per task: QEMU's writer batches, large enough that the
 # per-task overhead vanishes, small enough for a few in flight per worker.
 CHUNK_BYTES = 8 << 20
+# Threads comparing pages: each holds two chunks in flight, so memory grows with them.
+MAX_WORKERS = 64
 
 Pieces = list[tuple[int, int, int]]  # (first page in the chunk, page count, file offset)
 T = TypeVar("T")
@@ -280,6 +282,13 @@ def _payload(snap: Snapshot, sec: Section) -> bytes:
     return snap.read_bytes(sec.payload_offset, sec.payload_length)
 
 
+def check_workers(workers: int) -> int:
+    """``workers`` if it is from 1 to MAX_WORKERS, else ValueError."""
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ValueError(f"workers is a number from 1 to {MAX_WORKERS}, not {workers}")
+    return workers
+
+
 def diff(
     a: str | os.PathLike[str] | Snapshot,
     b: str | os.PathLike[str] | Snapshot,
@@ -291,9 +300,10 @@ def diff(
     """Compare two snapshots of one VM: per block, the pages whose restored contents differ.
 
     ``a`` and ``b`` are paths (opened with ``open_args``) or open Snapshots; ``workers``
-    threads compare ``chunk_bytes`` of each file at a time. Raises NotComparable when the
-    blocks or their sizes differ, FormatError for a malformed file.
+    threads (1 to MAX_WORKERS) compare ``chunk_bytes`` of each file at a time. Raises
+    NotComparable when the blocks or their sizes differ, FormatError for a malformed file.
     """
+    check_workers(workers)
     with ExitStack() as stack:
         sa = a if isinstance(a, Snapshot) else stack.enter_context(Snapshot(a, **open_args))
         sb = b if isinstance(b, Snapshot) else stack.enter_context(Snapshot(b, **open_args))
@@ -305,7 +315,6 @@ def diff(
         stack.callback(ra.close)
         rb = _Reader(sb.path, chunk_bytes)
         stack.callback(rb.close)
-        workers = max(1, workers)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for name, ba in sa.blocks.items():
                 bb = sb.blocks[name]
