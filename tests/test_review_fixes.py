@@ -286,3 +286,17 @@ def test_diff_offset_applies_to_both_files(tmp_path, capsys):
     assert result == mappedram.diff(a, b, offset=len(prefix)).describe()
     (ram,) = result["blocks"]
     assert (ram["name"], ram["pages_differ"], ram["runs"]) == ("pc.ram", 2, [[2, 1], [5, 1]])
+
+
+# -- 7. extract --all refuses before writing anything when an entry is the input -------------
+@pytest.mark.parametrize("name", ["blocks.json", "desc.json", "state.json", "pc.ram.raw"])
+def test_extract_all_input_among_the_outputs(tmp_path, capsys, name):
+    src = fixture_file("pc64-a-paused-mr.bin")
+    before = _sha(src)
+    out = tmp_path / "d3"
+    out.mkdir()
+    (out / name).symlink_to(src)
+    assert main(["extract", str(src), "--all", "-o", str(out), "--force"]) == 2
+    _one_error_line(capsys, out / name, "is the input file")
+    assert sorted(p.name for p in out.iterdir()) == [name]  # nothing written
+    assert _sha(src) == before
