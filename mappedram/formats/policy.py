@@ -192,14 +192,26 @@ def libvirt_format_problem(name: str) -> str | None:
     return f"a libvirt save format ({known}), found {name}"
 
 
-def libvirt_data_problem(data_len: int, cookie_offset: int) -> str | None:
-    """Why qemuSaveImageOpen refuses this data area: an empty one ("invalid header data
-    length"), or a cookie said to start past its end (the cookie length underflows)."""
+def libvirt_data_problem(data_len: int, cookie_offset: int) -> tuple[str, str] | None:
+    """(the header field at fault, why) qemuSaveImageOpen refuses this data area: an empty
+    one ("invalid header data length"), or a cookie said to start past its end (the
+    cookie length underflows)."""
     if data_len == 0:
-        return "a libvirt data_len above 0 (the domain XML follows the header), found 0"
+        return "data_len", "a libvirt data_len above 0 (the domain XML follows the header), found 0"
     if cookie_offset > data_len:
-        return f"a libvirt cookie offset inside the data area of {data_len} bytes, found {cookie_offset}"
+        why = f"a libvirt cookie offset inside the data area of {data_len} bytes, found {cookie_offset}"
+        return "cookie_offset", why
     return None
+
+
+def libvirt_xml_problem(xml_len: int, has_cookie: bool, terminated: bool) -> tuple[str, str] | None:
+    """(the header field at fault, why) libvirt cannot parse the domain XML: it reads
+    ``xml_len`` bytes (cookie_offset, or data_len without a cookie) and parses them as a C
+    string, so a NUL must end the XML inside them."""
+    if terminated:
+        return None
+    field = "cookie_offset" if has_cookie else "data_len"
+    return field, f"the libvirt domain XML to end with a NUL within its {xml_len} bytes ({field}), found none"
 
 
 def compressed_image(name: str, head: bytes) -> str | None:
