@@ -121,10 +121,22 @@ def test_command_refused(mapped, cmd, data, expected):
     assert main(["dump", str(mapped)]) == 0  # the walk goes on: the length frames it
 
 
+def _command(cmd: str, data: bytes = b"") -> bytes:
+    return bytes([SectionType.COMMAND]) + S.CommandBody.build({"cmd": cmd, "data": data})
+
+
 def test_command_with_its_length_is_accepted(mapped):
     end = section(mapped, "end", "ram")
-    splice(mapped, end.offset, bytes([SectionType.COMMAND]) + S.CommandBody.build({"cmd": "ping", "data": bytes(4)}))
+    splice(mapped, end.offset, _command("open_return_path") + _command("ping", bytes(4)))
     assert mappedram.verify(mapped).ok
+
+
+def test_ping_without_a_return_path_refused(mapped):
+    """savevm.c: a PING with no return path (none was opened before it) fails the load."""
+    end = section(mapped, "end", "ram")
+    splice(mapped, end.offset, _command("ping", bytes(4)) + _command("open_return_path") + _command("ping", bytes(4)))
+    refused(mapped, end.offset + 1, "an OPEN_RETURN_PATH command before PING (no return path: QEMU refuses it)")
+    assert [p.offset for p in mappedram.verify(mapped).problems] == [end.offset + 1]  # the second PING is fine
 
 
 # -- libvirt header (virQEMUSaveFormat, qemuSaveImageOpen) -----------------------------------

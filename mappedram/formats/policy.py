@@ -137,6 +137,17 @@ COMMAND_LENGTHS: Mapping[VmCommand, frozenset[int] | None] = {
 }
 
 
+# Commands loadvm_process_command refuses unless an OPEN_RETURN_PATH came before them
+# (PING answers on the return path: "received with no return path").
+OPENS_RETURN_PATH = VmCommand.OPEN_RETURN_PATH
+NEED_RETURN_PATH: frozenset[int] = frozenset({VmCommand.PING})
+
+
+def return_path_problem(cmd: int) -> str:
+    """Why QEMU refuses ``cmd`` (one of NEED_RETURN_PATH) before any OPEN_RETURN_PATH."""
+    return f"an OPEN_RETURN_PATH command before {VmCommand(cmd).name} (no return path: QEMU refuses it), found none"
+
+
 def command_problem(cmd: int, length: int) -> str | None:
     """Why QEMU refuses a COMMAND with this be16 cmd and be16 length (the text after
     "expected"), or None."""
