@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument(
         "--hash-zeros",
         action="store_true",
-        help="with --hash: the sha256 of every block, whatever its clear pages cost",
+        help="the sha256 of every block, whatever its clear pages cost (implies --hash)",
     )
     ver.add_argument(
         "--json", action="store_true", help="print the report as JSON: {file, valid, problems, notes, sha256}"
@@ -438,9 +438,10 @@ def _dump_libvirt_xml(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .mapper.verify import verify
 
-    bar = ProgressBar("hashing", args.progress) if args.hash else None
+    hashing = args.hash or args.hash_zeros  # asking for every block's sha256 is asking for hashes
+    bar = ProgressBar("hashing", args.progress) if hashing else None
     report = verify(
-        args.file, hash_blocks=args.hash, hash_zeros=args.hash_zeros, progress=bar, **cli_args.open_args(args)
+        args.file, hash_blocks=hashing, hash_zeros=args.hash_zeros, progress=bar, **cli_args.open_args(args)
     )
     if bar:
         bar.close()

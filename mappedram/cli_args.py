@@ -14,6 +14,7 @@ from typing import Any
 from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
 from .formats.layout import MAX_PAGE_SIZE, MIN_PAGE_SIZE, valid_page_size
 from .mapper.channels import MAX_CHANNELS, check_count
+from .visual.workers import MAX_WORKERS, check_workers
 
 U64_END = 1 << 64  # first value past a 64-bit file offset or guest-physical address
 OFF_T_END = 1 << 63  # first offset past what lseek/pread take
@@ -64,6 +65,14 @@ def channels(text: str) -> int:
         return check_count(int(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number from 1 to {MAX_CHANNELS}, found {text!r}") from None
+
+
+def workers(text: str) -> int:
+    """--workers: diff's comparing threads."""
+    try:
+        return check_workers(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to {MAX_WORKERS}, found {text!r}") from None
 
 
 def below_4g(text: str) -> int:

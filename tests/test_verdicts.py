@@ -121,10 +121,22 @@ def test_command_refused(mapped, cmd, data, expected):
     assert main(["dump", str(mapped)]) == 0  # the walk goes on: the length frames it
 
 
+def _command(cmd: str, data: bytes = b"") -> bytes:
+    return bytes([SectionType.COMMAND]) + S.CommandBody.build({"cmd": cmd, "data": data})
+
+
 def test_command_with_its_length_is_accepted(mapped):
     end = section(mapped, "end", "ram")
-    splice(mapped, end.offset, bytes([SectionType.COMMAND]) + S.CommandBody.build({"cmd": "ping", "data": bytes(4)}))
+    splice(mapped, end.offset, _command("open_return_path") + _command("ping", bytes(4)))
     assert mappedram.verify(mapped).ok
+
+
+def test_ping_without_a_return_path_refused(mapped):
+    """savevm.c: a PING with no return path (none was opened before it) fails the load."""
+    end = section(mapped, "end", "ram")
+    splice(mapped, end.offset, _command("ping", bytes(4)) + _command("open_return_path") + _command("ping", bytes(4)))
+    refused(mapped, end.offset + 1, "an OPEN_RETURN_PATH command before PING (no return path: QEMU refuses it)")
+    assert [p.offset for p in mappedram.verify(mapped).problems] == [end.offset + 1]  # the second PING is fine
 
 
 # -- libvirt header (virQEMUSaveFormat, qemuSaveImageOpen) -----------------------------------
@@ -135,16 +147,32 @@ def test_libvirt_unknown_format(tmp_path, little_endian):
 
 
 @pytest.mark.parametrize(
-    "fields, expected",
+    "fields, at, expected",
     [
-        ({"data_len": 0}, "a libvirt data_len above 0 (the domain XML follows the header), found 0"),
-        ({"cookie_offset": len(XML) + 4097}, f"a libvirt cookie offset inside the data area of {len(XML) + 4096}"),
+        ({"data_len": 0}, 20, "a libvirt data_len above 0 (the domain XML follows the header), found 0"),
+        ({"cookie_offset": len(XML) + 4097}, 32, f"a libvirt cookie offset inside the data area of {len(XML) + 4096}"),
+        ({"cookie_offset": 5}, 32, "the libvirt domain XML to end with a NUL within its 5 bytes (cookie_offset)"),
+        ({"cookie_offset": len(XML) - 1}, 32, f"a NUL within its {len(XML) - 1} bytes (cookie_offset), found none"),
     ],
-    ids=["data_len-0", "cookie-past-data"],
+    ids=["data_len-0", "cookie-past-data", "cookie-cuts-xml", "cookie-at-the-nul"],
 )
-def test_libvirt_data_area(tmp_path, fields, expected):
+def test_libvirt_data_area(tmp_path, fields, at, expected):
     path = write_snapshot(tmp_path / "lv.sav", {"pc.ram": pattern_block(2)}, prefix=libvirt_prefix("sparse", **fields))
-    refused(path, 20, expected)
+    refused(path, at, expected)
+
+
+def test_libvirt_xml_without_nul(tmp_path):
+    """No cookie: the XML is all of data_len, and a NUL must end it there."""
+    prefix = S.LibvirtHeaderLE.build({"data_len": len(XML) - 1, "format": "sparse"}) + XML[:-1]  # no NUL
+    path = write_snapshot(tmp_path / "lv.sav", {"pc.ram": pattern_block(2)}, prefix=prefix)
+    refused(path, 20, f"the libvirt domain XML to end with a NUL within its {len(XML) - 1} bytes (data_len)")
+
+
+@pytest.mark.parametrize("cookie_offset", [0, len(XML), len(XML) + 100])
+def test_libvirt_xml_ending_in_its_area_accepted(tmp_path, cookie_offset):
+    prefix = libvirt_prefix("sparse", cookie_offset=cookie_offset)
+    path = write_snapshot(tmp_path / "lv.sav", {"pc.ram": pattern_block(2)}, prefix=prefix)
+    assert mappedram.verify(path).ok
 
 
 @pytest.mark.parametrize("fmt", ["gzip", "zstd", "lzop"])

@@ -137,6 +137,17 @@ COMMAND_LENGTHS: Mapping[VmCommand, frozenset[int] | None] = {
 }
 
 
+# Commands loadvm_process_command refuses unless an OPEN_RETURN_PATH came before them
+# (PING answers on the return path: "received with no return path").
+OPENS_RETURN_PATH = VmCommand.OPEN_RETURN_PATH
+NEED_RETURN_PATH: frozenset[int] = frozenset({VmCommand.PING})
+
+
+def return_path_problem(cmd: int) -> str:
+    """Why QEMU refuses ``cmd`` (one of NEED_RETURN_PATH) before any OPEN_RETURN_PATH."""
+    return f"an OPEN_RETURN_PATH command before {VmCommand(cmd).name} (no return path: QEMU refuses it), found none"
+
+
 def command_problem(cmd: int, length: int) -> str | None:
     """Why QEMU refuses a COMMAND with this be16 cmd and be16 length (the text after
     "expected"), or None."""
@@ -192,14 +203,26 @@ def libvirt_format_problem(name: str) -> str | None:
     return f"a libvirt save format ({known}), found {name}"
 
 
-def libvirt_data_problem(data_len: int, cookie_offset: int) -> str | None:
-    """Why qemuSaveImageOpen refuses this data area: an empty one ("invalid header data
-    length"), or a cookie said to start past its end (the cookie length underflows)."""
+def libvirt_data_problem(data_len: int, cookie_offset: int) -> tuple[str, str] | None:
+    """(the header field at fault, why) qemuSaveImageOpen refuses this data area: an empty
+    one ("invalid header data length"), or a cookie said to start past its end (the
+    cookie length underflows)."""
     if data_len == 0:
-        return "a libvirt data_len above 0 (the domain XML follows the header), found 0"
+        return "data_len", "a libvirt data_len above 0 (the domain XML follows the header), found 0"
     if cookie_offset > data_len:
-        return f"a libvirt cookie offset inside the data area of {data_len} bytes, found {cookie_offset}"
+        why = f"a libvirt cookie offset inside the data area of {data_len} bytes, found {cookie_offset}"
+        return "cookie_offset", why
     return None
+
+
+def libvirt_xml_problem(xml_len: int, has_cookie: bool, terminated: bool) -> tuple[str, str] | None:
+    """(the header field at fault, why) libvirt cannot parse the domain XML: it reads
+    ``xml_len`` bytes (cookie_offset, or data_len without a cookie) and parses them as a C
+    string, so a NUL must end the XML inside them."""
+    if terminated:
+        return None
+    field = "cookie_offset" if has_cookie else "data_len"
+    return field, f"the libvirt domain XML to end with a NUL within its {xml_len} bytes ({field}), found none"
 
 
 def compressed_image(name: str, head: bytes) -> str | None:

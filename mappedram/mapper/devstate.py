@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping, TextIO
 from ..errors import FormatError
 from ..formats.constants import SectionType
 from ..formats.structs import QevmHeader
+from ..textsafe import printable
 
 MAX_DEPTH = 32  # nested structs; QEMU's deepest x86 descriptions have 4
 MAX_PAYLOAD = 64 << 20  # a device section larger than this is not decoded
@@ -390,7 +391,7 @@ def print_device_states(snap: Any, out: TextIO, *, desc: bool = False, as_json: 
     else:
         config = configuration_state(snap)
         for line in format_states(([config] if config else []) + all_device_states(snap)):
-            out.write(line + "\n")
+            out.write(printable(line) + "\n")  # names and values come from the file
 
 
 def states_info(snap: Any) -> dict[str, Any]:

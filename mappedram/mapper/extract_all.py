@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping
 from .blocks import RamBlock
 from .channels import pwrite_all
 from .devstate import states_info
-from .output import output_file, refused
+from .output import check_output, output_file, refused
 from .restore import extract
 
 MAP_NAME = "blocks.json"
@@ -86,9 +86,10 @@ def extract_all(
     """Write every block, ``desc.json``, ``state.json`` and ``blocks.json`` into
     ``directory`` (made if missing); returns what ``blocks.json`` holds.
 
-    Without ``overwrite`` an existing file of one of these names is refused before
-    anything is written. A block the file leaves out (x-ignore-shared) is listed with
-    ``"path": null`` and not written. Without a usable VM description, ``desc.json`` and
+    Every name is checked by output.py's rules before anything is written: without
+    ``overwrite`` an existing file is refused, and the input (or a link to it) always.
+    A block the file leaves out (x-ignore-shared) is listed with ``"path": null`` and
+    not written. Without a usable VM description, ``desc.json`` and
     ``state.json`` are not written (``"desc"``/``"state"`` null in the map).
     """
     directory = os.fspath(directory)
@@ -99,11 +100,8 @@ def extract_all(
     if vmdesc is not None:
         outputs += [DESC_NAME, STATE_NAME]
     _prepare_directory(directory, snapshot.fd)
-    if not overwrite:  # all or nothing: refuse before the first file is written
-        for name in outputs:
-            path = os.path.join(directory, name)
-            if os.path.lexists(path):
-                raise refused(path, errno.EEXIST, "exists; give --force to replace it")
+    for name in outputs:  # all or nothing: refuse before the first file is written
+        check_output(os.path.join(directory, name), overwrite=overwrite, source_fds=[snapshot.fd])
 
     total = sum(b.populated * b.page_size for b in blocks if b.in_file)
     done = 0

@@ -10,12 +10,15 @@ The rules, stated once:
   points to is replaced, the link stays); a link to nothing is refused. Directories,
   devices, FIFOs and sockets are refused: an atomic, sparse, seekable output cannot be
   had there. ``-`` (standard output) is refused for the same reason.
-- The target is never the input (same device and inode, however it is reached), not
-  even with ``overwrite``.
+- The target is never an input (same device and inode, however it is reached), not
+  even with ``overwrite``; a command with several inputs (diff) names them all.
 - An existing file is replaced only with ``overwrite`` (the CLI's ``--force``).
-- A new file gets the input's read/write bits, or 0600 without an input; the umask
-  applies on top. Output that carries guest memory is never more readable than its input.
+- A new file gets the read/write bits every input has, or 0600 without an input; the
+  umask applies on top. Output that carries guest memory is never more readable than its input.
 - Every error names the file asked for, never the temporary one.
+
+``check_output`` applies the target rules without creating anything, so that a command
+can refuse its output before the expensive work; the real open checks again.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 import secrets
 import stat
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from .channels import pwrite_all
 
@@ -42,24 +45,62 @@ def refused(path: str, code: int, text: str) -> OSError:
     return OSError(code, text, path)
 
 
+def check_output(path: str | os.PathLike[str], *, overwrite: bool, source_fds: Sequence[int] = ()) -> None:
+    """Refuse (OSError naming ``path``) a target that is not a regular file or nothing, is
+    one of the inputs ``source_fds``, or exists without ``overwrite``; create nothing."""
+    name = os.fspath(path)
+    _check_target(name, os.path.realpath(name), overwrite, [os.fstat(fd) for fd in source_fds])
+
+
+def _check_target(path: str, target: str, overwrite: bool, sources: Sequence[os.stat_result]) -> None:
+    if path == "-":
+        raise refused(path, errno.EINVAL, "writing to standard output is not supported (./- names a file)")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise refused(path, errno.ENOENT, "is a symbolic link to nothing; name the file to write")
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise refused(path, err.errno, err.strerror) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise refused(path, errno.EISDIR, "is a directory; name a file to write")
+    if not stat.S_ISREG(st.st_mode):
+        raise refused(path, errno.EINVAL, "is not a regular file (a device, FIFO or socket); not written")
+    if any((st.st_dev, st.st_ino) == (src.st_dev, src.st_ino) for src in sources):
+        raise refused(path, errno.EINVAL, "is the input file; write the output to another file")
+    if not overwrite:
+        raise refused(path, errno.EEXIST, "exists; give --force to replace it")
+
+
 class OutputFile:
     """A temporary file that becomes ``path`` on ``commit()``; ``abort()`` removes it.
 
-    ``source_fd``: the input the output is made from (its mode bounds the output's, and
-    the output may not be it). ``sync``: fsync the file and the directory.
+    ``source_fd`` / ``source_fds``: the input(s) the output is made from (their modes bound
+    the output's, and the output may be none of them). ``sync``: fsync the file and the
+    directory.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, overwrite: bool, source_fd: int | None = None, sync: bool = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        overwrite: bool,
+        source_fd: int | None = None,
+        source_fds: Sequence[int] = (),
+        sync: bool = True,
     ) -> None:
         self.path = os.fspath(path)  # as the user gave it: errors name this
-        if self.path == "-":
-            raise refused(self.path, errno.EINVAL, "writing to standard output is not supported (./- names a file)")
         self.target = os.path.realpath(self.path)
         self.overwrite = overwrite
         self.sync = sync
-        self._source = os.fstat(source_fd) if source_fd is not None else None
-        self.mode = stat.S_IMODE(self._source.st_mode) & 0o666 if self._source else PRIVATE
+        fds = [*([] if source_fd is None else [source_fd]), *source_fds]
+        self._sources = [os.fstat(fd) for fd in fds]
+        self.mode = PRIVATE
+        if self._sources:  # the bits every input has: never more readable than any of them
+            self.mode = 0o666
+            for src in self._sources:
+                self.mode &= stat.S_IMODE(src.st_mode)
         self.fd = -1
         self.temp_path = ""
         self.done = False
@@ -67,24 +108,9 @@ class OutputFile:
         self._create_temp()
 
     def check_target(self) -> None:
-        """Refuse a target that is not a regular file or nothing, is the input, or exists
+        """Refuse a target that is not a regular file or nothing, is an input, or exists
         without ``overwrite``."""
-        if os.path.islink(self.path) and not os.path.exists(self.path):
-            raise refused(self.path, errno.ENOENT, "is a symbolic link to nothing; name the file to write")
-        try:
-            st = os.stat(self.target)
-        except FileNotFoundError:
-            return
-        except OSError as err:
-            raise refused(self.path, err.errno, err.strerror) from None
-        if stat.S_ISDIR(st.st_mode):
-            raise refused(self.path, errno.EISDIR, "is a directory; name a file to write")
-        if not stat.S_ISREG(st.st_mode):
-            raise refused(self.path, errno.EINVAL, "is not a regular file (a device, FIFO or socket); not written")
-        if self._source is not None and (st.st_dev, st.st_ino) == (self._source.st_dev, self._source.st_ino):
-            raise refused(self.path, errno.EINVAL, "is the input file; write the output to another file")
-        if not self.overwrite:
-            raise refused(self.path, errno.EEXIST, "exists; give --force to replace it")
+        _check_target(self.path, self.target, self.overwrite, self._sources)
 
     def _create_temp(self) -> None:
         directory, base = os.path.split(self.target)
@@ -174,11 +200,16 @@ def reraise_naming(err: BaseException, path: str) -> None:
 
 @contextmanager
 def output_file(
-    path: str | os.PathLike[str], *, overwrite: bool = True, source_fd: int | None = None, sync: bool = True
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = True,
+    source_fd: int | None = None,
+    source_fds: Sequence[int] = (),
+    sync: bool = True,
 ) -> Iterator[int]:
     """A file descriptor on a new output file (see the module's rules); committed when the
     block ends without error, removed on any error."""
-    out = OutputFile(path, overwrite=overwrite, source_fd=source_fd, sync=sync)
+    out = OutputFile(path, overwrite=overwrite, source_fd=source_fd, source_fds=source_fds, sync=sync)
     try:
         yield out.fd
     except BaseException as err:

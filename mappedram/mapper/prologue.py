@@ -24,7 +24,7 @@ from ..formats.constants import (
     SectionType,
 )
 from ..formats.layout import MAX_PAGE_BITS, MIN_PAGE_BITS
-from ..formats.policy import compressed_image, libvirt_data_problem, libvirt_format_problem
+from ..formats.policy import compressed_image, libvirt_data_problem, libvirt_format_problem, libvirt_xml_problem
 from .elements import Problem
 from .source import Cursor
 
@@ -144,8 +144,9 @@ def _libvirt_problems(libvirt: LibvirtHeader) -> list[Problem]:
         problems.append(Problem(0, "expected a complete libvirt save (LibvirtQemudSave), found LibvirtQemudPart"))
     if why := libvirt_format_problem(libvirt.format):
         problems.append(Problem(LIBVIRT_FORMAT_AT, f"expected {why}"))
-    if why := libvirt_data_problem(libvirt.data_len, libvirt.cookie_offset):
-        problems.append(Problem(_LIBVIRT_FIELDS["data_len"], f"expected {why}"))
+    if found := libvirt_data_problem(libvirt.data_len, libvirt.cookie_offset):
+        field, why = found
+        problems.append(Problem(_LIBVIRT_FIELDS[field], f"expected {why}"))
     return problems
 
 
@@ -207,14 +208,18 @@ def _data_area(cursor: Cursor, header: LibvirtHeader) -> tuple[LibvirtHeader, li
     data = H.LIBVIRT_HEADER_SIZE
     has_cookie = 0 < header.cookie_offset <= header.data_len
     xml_len = header.cookie_offset if has_cookie else header.data_len
-    xml, xml_cut = _nul_string(cursor, data, xml_len, "the libvirt domain XML")
+    xml, xml_ended = _nul_string(cursor, data, xml_len, "the libvirt domain XML")
+    xml_cut = not xml_ended and xml_len > XML_READ_LIMIT
     cookie: str | None = None
     cookie_cut = False
     if has_cookie:
-        cookie, cookie_cut = _nul_string(
-            cursor, data + header.cookie_offset, header.data_len - header.cookie_offset, "the libvirt cookie"
-        )
+        cookie_len = header.data_len - header.cookie_offset
+        cookie, cookie_ended = _nul_string(cursor, data + header.cookie_offset, cookie_len, "the libvirt cookie")
+        cookie_cut = not cookie_ended and cookie_len > XML_READ_LIMIT
     problems = []
+    if header.data_len and (unparsable := libvirt_xml_problem(xml_len, has_cookie, xml_ended or xml_cut)):
+        field, why = unparsable
+        problems.append(Problem(_LIBVIRT_FIELDS[field], f"expected {why}"))
     if xml_cut or cookie_cut:
         problems.append(
             Problem(
@@ -228,7 +233,7 @@ def _data_area(cursor: Cursor, header: LibvirtHeader) -> tuple[LibvirtHeader, li
 
 def _nul_string(cursor: Cursor, offset: int, length: int, what: str) -> tuple[str, bool]:
     """The text in [offset, offset + length) up to its first NUL, read in pieces and at
-    most XML_READ_LIMIT bytes; and whether it was cut there."""
+    most XML_READ_LIMIT bytes; and whether a NUL ended it there."""
     cursor.skip_to(offset, what)
     limit = min(length, XML_READ_LIMIT)
     text = bytearray()
@@ -237,9 +242,9 @@ def _nul_string(cursor: Cursor, offset: int, length: int, what: str) -> tuple[st
         end = piece.find(0)
         if end >= 0:
             text += piece[:end]
-            return text.decode("utf-8", "replace"), False
+            return text.decode("utf-8", "replace"), True
         text += piece
-    return text.decode("utf-8", "replace"), length > XML_READ_LIMIT
+    return text.decode("utf-8", "replace"), False
 
 
 def _probe_stream_start(cursor: Cursor) -> None:

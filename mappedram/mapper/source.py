@@ -12,7 +12,9 @@ access (the VM description at the end, a block's bitmap and pages) asks ``Source
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import FormatError
@@ -54,14 +56,30 @@ def _parse(schema: Construct, stream: Any, offset: int, size: Callable[[], int],
         raise FormatError(offset, what, reason) from None
 
 
+_NOT_REGULAR = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO or pipe",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
 class Source:
     """An open snapshot file with random access; channel threads pread on their own fds."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Open ``path``; OSError unless it is a regular file (a FIFO, a device or a pipe
+        has no size to check reads against, and opening a FIFO would wait for a writer)."""
         self.path = os.fspath(path)
-        self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            self.size = os.fstat(self.fd).st_size
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode):
+                kind = _NOT_REGULAR.get(stat.S_IFMT(st.st_mode), "an unusual kind of file")
+                raise OSError(errno.EINVAL, f"not a regular file ({kind}); give the snapshot file", self.path)
+            os.set_blocking(self.fd, True)
+            self.size = st.st_size
         except OSError:
             os.close(self.fd)
             raise

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from ..errors import FormatError
 from ..formats.constants import RAM_IDSTR, RAM_SECTION_VERSION, SectionType
-from ..formats.policy import command_problem
+from ..formats.policy import NEED_RETURN_PATH, OPENS_RETURN_PATH, command_problem, return_path_problem
 from .elements import Problem, Section, SectionLog
 from .ram_section import RamSectionReader
 from .source import Cursor
@@ -68,6 +68,7 @@ class StreamWalker:
         self._error: FormatError | None = None
         self._device_index = 0
         self._command_verdicts: dict[int, str | None] = {}  # cmd << 16 | length -> command_problem
+        self._return_path = False  # an OPEN_RETURN_PATH was seen
         self._unlisted = 0  # problems past MAX_PROBLEMS
         self._first_unlisted = 0
         self._dispatch: dict[SectionType, Callable[[int, SectionType], None]] = {
@@ -199,6 +200,10 @@ class StreamWalker:
             why = verdicts[key] if key in verdicts else verdicts.setdefault(key, command_problem(cmd, length))
             if why:
                 self._problem(Problem(start, f"expected {why}"))
+            elif cmd == OPENS_RETURN_PATH:
+                self._return_path = True
+            elif cmd in NEED_RETURN_PATH and not self._return_path:
+                self._problem(Problem(start, f"expected {return_path_problem(cmd)}"))
             log.add_command(off, cmd, length)
             off = end
             if not (off < base + len(buf) and buf[off - base] == _COMMAND_TYPE) or off >= size:

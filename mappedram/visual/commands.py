@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Callable
 
 from .. import cli_args
 from ..errors import FormatError
+from ..mapper.output import check_output
 from ..mapper.snapshot import Snapshot
 from ..textsafe import printable
 
 if TYPE_CHECKING:
     from .diff import DiffResult
+from .workers import MAX_WORKERS
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_TROUBLE = 0, 1, 2  # report: 1 is "invalid", as for verify
 SHOWN_RUNS = 8  # runs listed per block in the text form; --json lists all
@@ -35,14 +37,11 @@ def _err(line: str) -> None:
     print(printable(f"mappedram: {line}"), file=sys.stderr)
 
 
-def _open_options(parser: argparse.ArgumentParser, offset: bool = True) -> None:
-    if offset:
-        parser.add_argument(
-            "--offset",
-            type=cli_args.file_offset,
-            metavar="N",
-            help="where the QEMU stream starts (the offset= of file:PATH,offset=N)",
-        )
+def _open_options(
+    parser: argparse.ArgumentParser,
+    offset_help: str = "where the QEMU stream starts (the offset= of file:PATH,offset=N)",
+) -> None:
+    parser.add_argument("--offset", type=cli_args.file_offset, metavar="N", help=offset_help)
     parser.add_argument(
         "--page-size",
         type=cli_args.page_size,
@@ -71,10 +70,16 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     d.add_argument("a", metavar="A", help="the first snapshot file")
     d.add_argument("b", metavar="B", help="the second snapshot file")
     d.add_argument("--json", action="store_true", help="print the result as JSON, with every run")
-    d.add_argument("--workers", type=int, default=2, help="threads comparing page data (default 2)")
+    d.add_argument(
+        "--workers",
+        type=cli_args.workers,
+        default=2,
+        metavar="N",
+        help=f"threads comparing page data, 1 to {MAX_WORKERS} (default 2)",
+    )
     d.add_argument("--plot", metavar="OUT", help="also draw where the pages differ, per block (.png or .svg)")
     d.add_argument("--force", action="store_true", help="replace the --plot file if it exists")
-    _open_options(d, offset=False)
+    _open_options(d, "where the QEMU stream starts in both files (the offset= of file:PATH,offset=N)")
     d.set_defaults(file=None)  # main()'s last-resort error paths name args.file; diff names A and B itself
 
     p = sub.add_parser(
@@ -143,15 +148,11 @@ def _picture_problem(path: str | None) -> str | None:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from . import plot
-
     if why := _picture_problem(args.plot):
         _err(f"{why}")
         return EXIT_TROUBLE
     try:
         result = _run_diff(args)
-        if result is not None and args.plot:
-            plot.save(plot.diff_figure(result), args.plot, overwrite=args.force)
     except OSError as err:
         _err(f"{err.filename or args.a}: {err.strerror or err}")
         return EXIT_TROUBLE
@@ -166,27 +167,39 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _run_diff(args: argparse.Namespace) -> DiffResult | None:
-    """The comparison, or None after printing why there is none."""
+    """The comparison (and its --plot picture), or None after printing why there is none."""
+    from . import plot
     from .diff import NotComparable, diff
 
     with ExitStack() as stack:
         snaps = []
         for path in (args.a, args.b):
             try:
-                snap = stack.enter_context(Snapshot(path, **cli_args.open_args(args)))
-                for block in snap.blocks.values():  # bitmaps counted, a stream's records walked
-                    _ = block.populated  # here, so that an error names its file
+                snaps.append(stack.enter_context(Snapshot(path, **cli_args.open_args(args))))
             except FormatError as err:
                 _err(f"{path}: {err}")
                 return None
-            snaps.append(snap)
+        inputs = [snap.fd for snap in snaps]
+        if args.plot:  # before any work: the picture may replace neither input
+            check_output(args.plot, overwrite=args.force, source_fds=inputs)
+        for snap in snaps:
+            try:
+                for block in snap.blocks.values():  # bitmaps counted, a stream's records walked
+                    _ = block.populated  # here, so that an error names its file
+            except FormatError as err:
+                _err(f"{snap.path}: {err}")
+                return None
         try:
-            return diff(*snaps, workers=args.workers)
+            result = diff(*snaps, workers=args.workers)
         except NotComparable as err:
             _err(f"{args.a}, {args.b}: {err}")
+            return None
         except FormatError as err:  # page data past the end: the reader names the file
             _err(f"{err}")
-        return None
+            return None
+        if args.plot:
+            plot.save(plot.diff_figure(result), args.plot, overwrite=args.force, source_fds=inputs)
+        return result
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -196,7 +209,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         _err(f"{why}")
         return EXIT_TROUBLE
     with Snapshot(args.file, **cli_args.open_args(args)) as snap:
-        plot.save(plot.snapshot_figure(snap), args.output, overwrite=args.force)
+        check_output(args.output, overwrite=args.force, source_fds=[snap.fd])  # before any work
+        plot.save(plot.snapshot_figure(snap), args.output, overwrite=args.force, source_fds=[snap.fd])
     _out(f"{args.output}: layout and population of {args.file}")
     return EXIT_OK
 

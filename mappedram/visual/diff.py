@@ -22,10 +22,12 @@ import numpy as np
 from ..errors import FormatError
 from ..mapper.blocks import RamBlock
 from ..mapper.snapshot import Section, Snapshot
+from .workers import check_workers
 
 # Bytes of each file read per task: QEMU's writer batches, large enough that the
 # per-task overhead vanishes, small enough for a few in flight per worker.
 CHUNK_BYTES = 8 << 20
+# Threads comparing pages: each holds two chunks in flight, so memory grows with them.
 
 Pieces = list[tuple[int, int, int]]  # (first page in the chunk, page count, file offset)
 T = TypeVar("T")
@@ -291,9 +293,10 @@ def diff(
     """Compare two snapshots of one VM: per block, the pages whose restored contents differ.
 
     ``a`` and ``b`` are paths (opened with ``open_args``) or open Snapshots; ``workers``
-    threads compare ``chunk_bytes`` of each file at a time. Raises NotComparable when the
-    blocks or their sizes differ, FormatError for a malformed file.
+    threads (1 to MAX_WORKERS) compare ``chunk_bytes`` of each file at a time. Raises
+    NotComparable when the blocks or their sizes differ, FormatError for a malformed file.
     """
+    check_workers(workers)
     with ExitStack() as stack:
         sa = a if isinstance(a, Snapshot) else stack.enter_context(Snapshot(a, **open_args))
         sb = b if isinstance(b, Snapshot) else stack.enter_context(Snapshot(b, **open_args))
@@ -305,7 +308,6 @@ def diff(
         stack.callback(ra.close)
         rb = _Reader(sb.path, chunk_bytes)
         stack.callback(rb.close)
-        workers = max(1, workers)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for name, ba in sa.blocks.items():
                 bb = sb.blocks[name]

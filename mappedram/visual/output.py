@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 from ..mapper.output import output_file
 
 
-def write_output(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = True) -> None:
+def write_output(
+    path: str | os.PathLike[str], data: bytes, *, overwrite: bool = True, source_fds: Sequence[int] = ()
+) -> None:
+    """``data`` as the file ``path``; ``source_fds``: the snapshot(s) it is drawn from (never
+    replaced, and their modes bound the output's)."""
     view = memoryview(data)
-    with output_file(path, overwrite=overwrite) as fd:
+    with output_file(path, overwrite=overwrite, source_fds=source_fds) as fd:
         while view:
             view = view[os.write(fd, view) :]

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 import os
-from typing import TYPE_CHECKING, Any, Sequence
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
 from ..mapper.snapshot import Snapshot
 from ..progress import human
+from ..textsafe import printable
 from .diff import DiffResult
 from .layout import KINDS, Cells, Segment, cell_grid, cells_from_pages, layout, population
 from .output import write_output
@@ -39,6 +41,19 @@ COLORS = {
 }
 EMPTY_CELL = "#d9d9d9"  # a cell with no page set
 GAMMA = 0.4
+LABEL_CHARS = 80  # of a name from the file in a label; the rest is cut
+# What one figure draws, whatever the file holds (3,000 blocks would be 3,000 maps and
+# 12,000 rows: minutes and gigabytes in matplotlib): the largest, named in file order.
+MAX_MAPS = 24  # population or diff maps
+MAX_ROWS = 48  # rows of the per-part chart
+MAX_NAMED = 20  # names listed in a caption
+
+
+def _text(text: str) -> str:
+    """A label from file text: escaped (no control character reaches matplotlib or the SVG)
+    and cut to LABEL_CHARS."""
+    safe = printable(text)
+    return safe if len(safe) <= LABEL_CHARS else safe[: LABEL_CHARS - 3] + "..."
 
 
 class MissingMatplotlib(ImportError):
@@ -68,12 +83,15 @@ def image_format(path: str | os.PathLike[str]) -> str:
 
 def render(fig: Figure, fmt: str) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=110, metadata={"Software": None} if fmt == "png" else {"Date": None})
+    with warnings.catch_warnings():  # missing glyphs, a layout that does not fit: not the user's business
+        warnings.simplefilter("ignore")
+        fig.savefig(buf, format=fmt, dpi=110, metadata={"Software": None} if fmt == "png" else {"Date": None})
     return buf.getvalue()
 
 
-def save(fig: Figure, path: str | os.PathLike[str], *, overwrite: bool = True) -> None:
-    write_output(path, render(fig, image_format(path)), overwrite=overwrite)
+def save(fig: Figure, path: str | os.PathLike[str], *, overwrite: bool = True, source_fds: Sequence[int] = ()) -> None:
+    """The picture as ``path`` (.png or .svg); ``source_fds``: the snapshot(s) it shows."""
+    write_output(path, render(fig, image_format(path)), overwrite=overwrite, source_fds=source_fds)
 
 
 def _size_ticks(limit: int) -> tuple[list[int], list[str]]:
@@ -81,12 +99,31 @@ def _size_ticks(limit: int) -> tuple[list[int], list[str]]:
     return ticks, [human(t).replace(".0 ", " ") for t in ticks]
 
 
+T = TypeVar("T")
+
+
+def largest(items: Sequence[T], size: Callable[[T], int], limit: int) -> tuple[list[T], list[T]]:
+    """(the ``limit`` largest items, the others), each in the order given."""
+    if len(items) <= limit:
+        return list(items), []
+    keep = set(sorted(range(len(items)), key=lambda i: -size(items[i]))[:limit])
+    return [x for i, x in enumerate(items) if i in keep], [x for i, x in enumerate(items) if i not in keep]
+
+
+def _names(names: Sequence[str]) -> str:
+    more = f", ... {len(names) - MAX_NAMED} more" if len(names) > MAX_NAMED else ""
+    return ", ".join(_text(n) for n in names[:MAX_NAMED]) + more
+
+
 def _draw_strip(ax: Axes, segments: Sequence[Segment], size: int) -> None:
     """The file along its length, to scale: big regions are visible, headers are not."""
+    for kind in COLORS:  # one collection per kind, however many segments
+        bars = [(seg.start, seg.size) for seg in segments if seg.kind == kind]
+        if bars:
+            ax.broken_barh(bars, (0, 1), facecolor=COLORS[kind], edgecolor="none")
     for seg in segments:
-        ax.broken_barh([(seg.start, seg.size)], (0, 1), facecolor=COLORS[seg.kind], edgecolor="none")
         if seg.size > size * 0.06:
-            ax.text(seg.start + seg.size / 2, 0.5, seg.label, ha="center", va="center", fontsize=7, clip_on=True)
+            ax.text(seg.start + seg.size / 2, 0.5, _text(seg.label), ha="center", va="center", fontsize=7, clip_on=True)
     ax.set_xlim(0, size)
     ax.set_ylim(0, 1)
     ax.set_yticks([])
@@ -95,8 +132,9 @@ def _draw_strip(ax: Axes, segments: Sequence[Segment], size: int) -> None:
     ax.set_title(f"file layout to scale ({human(size)}, {size} bytes)", fontsize=9, loc="left")
 
 
-def _draw_rows(ax: Axes, segments: Sequence[Segment], size: int) -> None:
-    """One row per segment in file order, its size on a log axis: 1 byte and 1 TiB both show."""
+def _draw_rows(ax: Axes, segments: Sequence[Segment], left_out: Sequence[Segment], size: int) -> None:
+    """One row per segment in file order, its size on a log axis: 1 byte and 1 TiB both show.
+    ``left_out``: the smaller segments not drawn, counted in a last row."""
     y = np.arange(len(segments))
     sizes = np.array([max(s.size, 1) for s in segments], dtype=float)
     ax.barh(y, sizes, left=0.8, color=[COLORS[s.kind] for s in segments], edgecolor="#555555", linewidth=0.3)
@@ -104,8 +142,11 @@ def _draw_rows(ax: Axes, segments: Sequence[Segment], size: int) -> None:
     ticks, labels = _size_ticks(size)
     ax.set_xlim(0.8, max(size, 2) * 30)
     ax.set_xticks(ticks, labels, fontsize=7)
-    ax.set_yticks(y, [f"{s.start:#x}  {s.label}" for s in segments], fontsize=6.5, family="monospace")
-    ax.set_ylim(len(segments) - 0.5, -0.5)
+    names = [f"{s.start:#x}  {_text(s.label)}" for s in segments]
+    if left_out:
+        names.append(f"... {len(left_out)} smaller parts not drawn, {human(sum(s.size for s in left_out))} in all")
+    ax.set_yticks(np.arange(len(names)), names, fontsize=6.5, family="monospace")
+    ax.set_ylim(len(names) - 0.5, -0.5)
     for yi, seg in zip(y, segments):
         ax.text(max(seg.size, 1) * 1.15, yi, human(seg.size), va="center", fontsize=6)
     ax.grid(axis="x", color="#dddddd", linewidth=0.5)
@@ -155,24 +196,28 @@ def snapshot_figure(snap: Snapshot) -> Figure:
     """The layout (to scale and per part on a log scale) and each block's population map."""
     figure_class = _figure_class()
     segments = layout(snap)
+    rows, rows_left_out = largest(segments, lambda s: s.size, MAX_ROWS - 1)
     size = snap.size
-    blocks = [b for b in snap.blocks.values() if b.in_file]
+    blocks, blocks_left_out = largest([b for b in snap.blocks.values() if b.in_file], lambda b: b.used_length, MAX_MAPS)
     all_cells = [population(b) for b in blocks]
-    row_height = 0.17 * len(segments) + 1.2
+    row_height = 0.17 * (len(rows) + 1) + 1.2
     heights = _grid_heights(all_cells)
     fig = figure_class(figsize=(15, 1.6 + max(row_height, 0.45 * sum(heights))), layout="constrained")
     outer = fig.add_gridspec(2, 2, height_ratios=[1, max(row_height, 0.45 * sum(heights)) / 1.2], width_ratios=[1.1, 1])
     _draw_strip(fig.add_subplot(outer[0, :]), segments, size)
-    _draw_rows(fig.add_subplot(outer[1, 0]), segments, size)
+    _draw_rows(fig.add_subplot(outer[1, 0]), rows, rows_left_out, size)
     right = outer[1, 1].subgridspec(max(len(all_cells), 1), 1, height_ratios=heights or [1])
     for i, (block, cells) in enumerate(zip(blocks, all_cells)):
-        title = f"{block.name}: {cells.total}/{block.num_pages} pages present ({human(block.used_length)})"
+        title = f"{_text(block.name)}: {cells.total}/{block.num_pages} pages present ({human(block.used_length)})"
         _draw_cells(fig.add_subplot(right[i, 0]), cells, title, "viridis")
     if all_cells:
         _colorbar(fig, fig.axes[2:], "viridis", "share of the cell's pages present (grey: none)", 0.5)
     handles = [_patch(COLORS[k], label) for k, label in KINDS.items() if any(s.kind == k for s in segments)]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=8, frameon=False)
-    fig.suptitle(f"{os.path.basename(snap.path)}: {snap.format}, {len(snap.blocks)} RAM blocks", fontsize=10)
+    title = f"{_text(os.path.basename(snap.path))}: {snap.format}, {len(snap.blocks)} RAM blocks"
+    if blocks_left_out:
+        title += f"\nthe {len(blocks)} largest blocks drawn; {len(blocks_left_out)} smaller blocks not drawn"
+    fig.suptitle(title, fontsize=10)
     return fig
 
 
@@ -186,7 +231,8 @@ def diff_figure(result: DiffResult) -> Figure:
     """Per block that differs, the share of each cell's pages whose contents differ; the
     identical blocks and the device sections that differ are named in the caption."""
     figure_class = _figure_class()
-    diffs = [d for d in result.blocks.values() if d.count]
+    differing = [d for d in result.blocks.values() if d.count]
+    diffs, undrawn = largest(differing, lambda d: d.count, MAX_MAPS)
     same = [d.name for d in result.blocks.values() if not d.count]
     all_cells = [cells_from_pages(d.name, d.pages, d.num_pages, d.page_size) for d in diffs]
     heights = _grid_heights(all_cells)
@@ -195,18 +241,22 @@ def diff_figure(result: DiffResult) -> Figure:
         grid = fig.add_gridspec(len(diffs), 1, height_ratios=heights)
         for i, (d, cells) in enumerate(zip(diffs, all_cells)):
             title = (
-                f"{d.name}: {d.count}/{d.num_pages} pages differ ({len(d.changed)} changed, "
+                f"{_text(d.name)}: {d.count}/{d.num_pages} pages differ ({len(d.changed)} changed, "
                 f"{len(d.only_a)} only in A, {len(d.only_b)} only in B)"
             )
             _draw_cells(fig.add_subplot(grid[i, 0]), cells, title, "Reds")
         _colorbar(fig, fig.axes, "Reds", "share of the cell's pages that differ (grey: none)", 0.9)
-    verdict = "identical" if result.identical else f"{sum(d.count for d in diffs)} pages differ"
-    fig.suptitle(f"A = {os.path.basename(result.a)}, B = {os.path.basename(result.b)}: {verdict}", fontsize=10)
+    verdict = "identical" if result.identical else f"{sum(d.count for d in differing)} pages differ"
+    a, b = (_text(os.path.basename(p)) for p in (result.a, result.b))
+    fig.suptitle(f"A = {a}, B = {b}: {verdict}", fontsize=10)
     notes = []
+    if undrawn:
+        names = _names([d.name for d in undrawn])
+        notes.append(f"{len(undrawn)} more blocks differ in fewer pages, not drawn: {names}")
     if same:
-        notes.append(f"identical blocks: {', '.join(same)}")
+        notes.append(f"identical blocks: {_names(same)}")
     if result.devices:
-        notes.append(f"device state differs: {', '.join(d.idstr for d in result.devices)}")
+        notes.append(f"device state differs: {_names([d.idstr for d in result.devices])}")
     if notes:
         fig.supxlabel("\n".join(_wrap(n) for n in notes), fontsize=8, ha="left", x=0.01)
     return fig

@@ -3,24 +3,34 @@
 Header, capabilities, verify's verdict and problems, the RAM blocks, the file's layout,
 the device sections (with what the VM description says of them) and the pictures,
 inline as data: URIs. No script, no network: a Content-Security-Policy forbids both,
-and every string taken from the file is HTML-escaped.
+and every string taken from the file is escaped (``escape``).
 """
 
 from __future__ import annotations
 
 import base64
+import html
 import os
-from html import escape
 from typing import Any, Iterable, Sequence
 
 from .. import __version__
 from ..errors import FormatError
+from ..mapper.output import check_output
 from ..mapper.snapshot import Snapshot
+from ..mapper.source import Source
 from ..mapper.verify import Report, verify
 from ..progress import human
+from ..textsafe import printable
 from . import plot
 from .layout import KINDS, layout
 from .output import write_output
+
+
+def escape(text: str) -> str:
+    """Text for the page: what is not printable shown escaped (as on the terminal), then
+    the HTML specials; a control character or NUL from the file never reaches the page."""
+    return html.escape(printable(text))
+
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """
@@ -253,7 +263,13 @@ def render_report(path: str | os.PathLike[str], **open_args: Any) -> tuple[str, 
 def write_report(
     path: str | os.PathLike[str], out: str | os.PathLike[str], *, overwrite: bool = True, **open_args: Any
 ) -> Report:
-    """Write the page to ``out`` (appears only when complete); returns verify's report."""
-    page, report = render_report(path, **open_args)
-    write_output(out, page.encode("utf-8"), overwrite=overwrite)
+    """Write the page to ``out`` (appears only when complete); returns verify's report.
+    ``out`` may not be the input, nor exist without ``overwrite``: refused before any work."""
+    src = Source(path)
+    try:
+        check_output(out, overwrite=overwrite, source_fds=[src.fd])
+        page, report = render_report(path, **open_args)
+        write_output(out, page.encode("utf-8"), overwrite=overwrite, source_fds=[src.fd])
+    finally:
+        src.close()
     return report
