@@ -13,14 +13,13 @@ from typing import Any
 
 from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
 from .formats.layout import MAX_PAGE_SIZE, MIN_PAGE_SIZE, valid_page_size
+from .formats.x86 import PAGE as X86_PAGE
+from .formats.x86 import below_4g_problem
 from .mapper.channels import MAX_CHANNELS, check_count
 from .visual.workers import MAX_WORKERS, check_workers
 
 U64_END = 1 << 64  # first value past a 64-bit file offset or guest-physical address
 OFF_T_END = 1 << 63  # first offset past what lseek/pread take
-# export-elf places x86 memory; QEMU maps RAM there in whole 4 KiB target pages.
-X86_PAGE = 4096
-FOUR_GIB = 1 << 32
 
 _UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
 _NUMBER = re.compile(r"0x(?P<hex>[0-9a-f]+)|(?P<dec>[0-9]+)(?:(?P<unit>[kmgtpe])(?:ib|b)?|b)?", re.IGNORECASE)
@@ -78,10 +77,8 @@ def workers(text: str) -> int:
 def below_4g(text: str) -> int:
     """--below-4g: bytes of main RAM under 4 GiB, in whole x86 pages, at most 4 GiB."""
     value = parse_size(text)
-    if value % X86_PAGE or value > FOUR_GIB:
-        raise argparse.ArgumentTypeError(
-            f"expected a multiple of {X86_PAGE} (the x86 page) up to 4 GiB, found {text!r}"
-        )
+    if why := below_4g_problem(value):
+        raise argparse.ArgumentTypeError(f"expected {why}, found {text!r}")
     return value
 
 

@@ -300,3 +300,23 @@ def test_extract_all_input_among_the_outputs(tmp_path, capsys, name):
     _one_error_line(capsys, out / name, "is the input file")
     assert sorted(p.name for p in out.iterdir()) == [name]  # nothing written
     assert _sha(src) == before
+
+
+def test_library_arguments_are_the_callers_mistake_not_the_files(paused_mr):
+    """A bad argument is a ValueError/IndexError naming the argument, never a FormatError
+    that blames the file, and never a quiet wrong answer."""
+    with pytest.raises(ValueError, match="page_size: expected a power of two"):
+        mappedram.open(paused_mr, page_size=3)
+    with mappedram.open(paused_mr) as snap:
+        for bad in (123, -4096, (1 << 32) + 4096):
+            with pytest.raises(ValueError, match="below_4g_size: expected a multiple of 4096"):
+                mappedram.PhysicalView(snap, below_4g_size=bad)
+        view = mappedram.PhysicalView(snap)
+        with pytest.raises(ValueError, match="at least 0 bytes"):
+            view.read(0, -1)
+        ram = snap.block("pc.ram")
+        for index in (-1, ram.num_pages):
+            with pytest.raises(IndexError, match=f"page {index} outside block 'pc.ram'"):
+                ram.page_offset(index)
+            with pytest.raises(IndexError):
+                ram.page(index)

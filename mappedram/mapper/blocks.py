@@ -100,16 +100,20 @@ class RamBlock(ABC):
 
     def page(self, index: int) -> memoryview:
         """Page ``index`` as the guest would see it: a read-only view, zeros if absent."""
-        if not 0 <= index < self.num_pages:
-            raise IndexError(f"page {index} outside block {self.name!r} of {self.num_pages} pages")
         offset = self.page_offset(index)
         if offset is None:
             return memoryview(bytes(self.page_size))
         return memoryview(self._src.read(offset, self.page_size, f"page {index} of {self.name}"))
 
-    @abstractmethod
     def page_offset(self, index: int) -> int | None:
         """File offset of page ``index`` or None where the page is zero."""
+        if not 0 <= index < self.num_pages:
+            raise IndexError(f"page {index} outside block {self.name!r} of {self.num_pages} pages")
+        return self._page_offset(index)
+
+    @abstractmethod
+    def _page_offset(self, index: int) -> int | None:
+        """``page_offset`` of an index known to be inside the block."""
 
     def read_into(self, out: memoryview | np.ndarray, progress: Progress | None = None, zero_fill: bool = True) -> None:
         """Copy the block into ``out`` (``used_length`` writable bytes), single-threaded."""
@@ -268,7 +272,7 @@ class MappedRamBlock(RamBlock):
             if len(starts):
                 yield starts, counts, self.pages_offset + starts * self.page_size
 
-    def page_offset(self, index: int) -> int | None:
+    def _page_offset(self, index: int) -> int | None:
         if not self.in_file:
             return None
         word = self.bitmap_layout.word_bytes
@@ -347,7 +351,7 @@ class StreamRamBlock(RamBlock):
         if len(pages):
             yield pages, np.ones(len(pages), dtype=np.int64), offsets
 
-    def page_offset(self, index: int) -> int | None:
+    def _page_offset(self, index: int) -> int | None:
         import numpy as np
 
         pages, offsets = self.index

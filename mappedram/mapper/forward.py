@@ -211,7 +211,7 @@ class ForwardRamBlock(StreamRamBlock):
     def extent_arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         raise self.forward_only(f"the file offsets of block {self.name!r}'s pages")
 
-    def page_offset(self, index: int) -> int | None:
+    def _page_offset(self, index: int) -> int | None:
         raise self.forward_only(f"page {index} of block {self.name!r}")
 
     def read_into(self, out: Any, progress: Progress | None = None, zero_fill: bool = True) -> None:

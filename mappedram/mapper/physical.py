@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from ..errors import FormatError
+from ..formats.x86 import FOUR_GIB, VGA_WINDOW, below_4g_problem
 from .blocks import RamBlock
 from .copy_plan import GAP, copy_plan, copy_range
 from .cpunotes import cpu_notes
@@ -29,8 +30,6 @@ from .forward import ForwardSnapshot, copy_regions_forward
 from .output import output_file
 from .snapshot import Snapshot
 
-VGA_WINDOW = (0xA0000, 0xC0000)
-FOUR_GIB = 1 << 32
 MAIN_RAM = "pc.ram"
 BIOS = "pc.bios"
 
@@ -65,6 +64,8 @@ class PhysicalView:
     def __init__(
         self, snapshot: Snapshot, *, below_4g_size: int | None = None, extra: Mapping[str, int] | None = None
     ) -> None:
+        if below_4g_size is not None and (why := below_4g_problem(below_4g_size)):
+            raise ValueError(f"below_4g_size: expected {why}, found {below_4g_size!r}")
         self.snapshot = snapshot
         ram = snapshot.block(MAIN_RAM)
         low = below_4g_size if below_4g_size is not None else below_4g(snapshot.machine_type, ram.used_length)
@@ -87,6 +88,8 @@ class PhysicalView:
 
     def read(self, addr: int, size: int) -> bytes:
         """``size`` bytes from guest-physical ``addr``; every byte must be RAM."""
+        if size < 0:
+            raise ValueError(f"a size of at least 0 bytes, not {size}")
         out = bytearray()
         while size > 0:
             region = next((r for r in self.regions if r.start <= addr < r.end), None)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 from ..errors import FormatError
 from ..formats.bitmap import LITTLE_ENDIAN_64, BitmapLayout
 from ..formats.constants import CAP_IGNORE_SHARED, RAM_IDSTR
+from ..formats.layout import MAX_PAGE_SIZE, MIN_PAGE_SIZE, valid_page_size
 from ..formats.policy import Mode, ModePolicy, libvirt_stream_problem, policy_for
 from .blocks import Progress, RamBlock
 from .elements import Problem, Section
@@ -46,6 +47,10 @@ class Snapshot:
         page_size: int | None = None,
         bitmap_layout: BitmapLayout = LITTLE_ENDIAN_64,
     ) -> None:
+        if page_size is not None and not valid_page_size(page_size):  # the caller's mistake, not the file's
+            raise ValueError(
+                f"page_size: expected a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}, found {page_size}"
+            )
         self._src = Source(path)
         try:
             self.path: str = self._src.path
