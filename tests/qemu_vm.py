@@ -26,12 +26,15 @@ def qemu_binary(target: str = "x86_64") -> str | None:
     return path if match and int(match.group(1)) >= 10 else None
 
 
-def build_guest(workdir: Path, ram_mb: int = RAM_MB) -> Path:
-    """Assemble boot.S with GNU as and pad it to 1 MiB (SeaBIOS on q35 refuses a tiny disk)."""
-    obj, elf, img = workdir / "boot.o", workdir / "boot.elf", workdir / "boot.img"
+def build_guest(workdir: Path, ram_mb: int = RAM_MB, source: Path = GUEST_SOURCE, long_mode: bool = False) -> Path:
+    """Assemble a boot-sector guest (boot.S: 32-bit code; long_mode.S: 64-bit) with GNU as
+    and pad it to 1 MiB (SeaBIOS on q35 refuses a tiny disk)."""
+    obj, elf, img = (workdir / f"{source.stem}{suffix}" for suffix in (".o", ".elf", ".img"))
     end = (ram_mb - 1) << 20
-    subprocess.run(["as", "--32", f"--defsym=RAM_END={end}", "-o", obj, GUEST_SOURCE], check=True)
-    subprocess.run(["ld", "-m", "elf_i386", "-Ttext=0x7c00", "-e", "_start", "-o", elf, obj], check=True)
+    arch = ["--64"] if long_mode else ["--32", f"--defsym=RAM_END={end}"]
+    subprocess.run(["as", *arch, "-o", obj, source], check=True)
+    emulation = "elf_x86_64" if long_mode else "elf_i386"
+    subprocess.run(["ld", "-m", emulation, "-Ttext=0x7c00", "-e", "_start", "-o", elf, obj], check=True)
     subprocess.run(["objcopy", "-O", "binary", "-j", ".text", elf, img], check=True)
     data = img.read_bytes()
     assert len(data) == 512 and data[510:] == b"\x55\xaa", len(data)

@@ -529,17 +529,6 @@ def _info_registers(text):
     return regs, segs, tables
 
 
-def _build_long_mode_guest(workdir):
-    obj, elf, img = workdir / "long.o", workdir / "long.elf", workdir / "long.img"
-    subprocess.run(["as", "--64", "-o", obj, LONG_MODE_GUEST], check=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext=0x7c00", "-e", "_start", "-o", elf, obj], check=True)
-    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", elf, img], check=True)
-    data = img.read_bytes()
-    assert len(data) == 512 and data[510:] == b"\x55\xaa", len(data)
-    img.write_bytes(data + bytes((1 << 20) - 512))
-    return img
-
-
 def _wait_long_mode(vm):
     deadline = time.monotonic() + 60
     while not (vm.read_u32(0x500) == LONG_MARK and vm.read_u32(0x508) > 2):
@@ -559,7 +548,7 @@ def paused_qemu(request, tmp_path_factory):
         pytest.skip("needs qemu-system-x86_64 >= 10.0 and GNU as (see .ci/install-qemu)")
     workdir = tmp_path_factory.mktemp(f"devstate-{request.param}")
     long_mode = request.param == "long"
-    image = _build_long_mode_guest(workdir) if long_mode else build_guest(workdir)
+    image = build_guest(workdir, source=LONG_MODE_GUEST, long_mode=True) if long_mode else build_guest(workdir)
     files = SimpleNamespace(long_mode=long_mode, save=workdir / "regs.sav", core=workdir / "qemu.core")
     with Vm(workdir, image, name=f"regs{time.monotonic_ns()}") as vm:
         if long_mode:
