@@ -79,26 +79,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("file", help="the snapshot file")
-    common.add_argument(
-        "--offset",
-        type=cli_args.file_offset,
-        metavar="N",
-        help="where the QEMU stream starts (the offset= of file:PATH,offset=N); default: behind a libvirt "
-        "header, else 0, else the first QEVM magic in the first MiB",
-    )
-    common.add_argument(
-        "--page-size",
-        type=cli_args.page_size,
-        metavar="BYTES",
-        help="target page size (a power of two, 512 to 1G) of a classic stream that does not record it; "
-        "refused when it contradicts the file (a mapped-ram file or target-page-bits records it)",
-    )
-    common.add_argument(
-        "--bitmap-order",
-        choices=("little", "big"),
-        default="little",
-        help="byte order of the host that wrote the bitmaps (big: s390x, ppc64)",
-    )
+    cli_args.add_open_options(common)
 
     parser = _Parser(
         prog="mappedram", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -97,6 +97,30 @@ def block_at(text: str) -> tuple[str, int]:
     return name, addr
 
 
+OFFSET_HELP = (
+    "where the QEMU stream starts (the offset= of file:PATH,offset=N); default: behind a libvirt "
+    "header, else 0, else the first QEVM magic in the first MiB"
+)
+
+
+def add_open_options(parser: argparse.ArgumentParser, offset_help: str = OFFSET_HELP) -> None:
+    """--offset, --page-size and --bitmap-order: how every command opens its files."""
+    parser.add_argument("--offset", type=file_offset, metavar="N", help=offset_help)
+    parser.add_argument(
+        "--page-size",
+        type=page_size,
+        metavar="BYTES",
+        help="target page size (a power of two, 512 to 1G) of a classic stream that does not record it; "
+        "refused when it contradicts the file (a mapped-ram file or target-page-bits records it)",
+    )
+    parser.add_argument(
+        "--bitmap-order",
+        choices=("little", "big"),
+        default="little",
+        help="byte order of the host that wrote the bitmaps (big: s390x, ppc64)",
+    )
+
+
 def open_args(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of ``mappedram.open`` that the common options give."""
     return {

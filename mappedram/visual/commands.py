@@ -37,25 +37,6 @@ def _err(line: str) -> None:
     print(printable(f"mappedram: {line}"), file=sys.stderr)
 
 
-def _open_options(
-    parser: argparse.ArgumentParser,
-    offset_help: str = "where the QEMU stream starts (the offset= of file:PATH,offset=N)",
-) -> None:
-    parser.add_argument("--offset", type=cli_args.file_offset, metavar="N", help=offset_help)
-    parser.add_argument(
-        "--page-size",
-        type=cli_args.page_size,
-        metavar="BYTES",
-        help="target page size, for a classic stream that does not record it",
-    )
-    parser.add_argument(
-        "--bitmap-order",
-        choices=("little", "big"),
-        default="little",
-        help="byte order of the host that wrote the bitmaps (big: s390x, ppc64)",
-    )
-
-
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add diff, plot and report to the ``mappedram`` subcommands."""
     d = sub.add_parser(
@@ -79,7 +60,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     )
     d.add_argument("--plot", metavar="OUT", help="also draw where the pages differ, per block (.png or .svg)")
     d.add_argument("--force", action="store_true", help="replace the --plot file if it exists")
-    _open_options(d, "where the QEMU stream starts in both files (the offset= of file:PATH,offset=N)")
+    cli_args.add_open_options(d, "where the QEMU stream starts in both files (the offset= of file:PATH,offset=N)")
     d.set_defaults(file=None)  # main()'s last-resort error paths name args.file; diff names A and B itself
 
     p = sub.add_parser(
@@ -93,7 +74,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("file", help="the snapshot file")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="the picture to write (.png or .svg)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    _open_options(p)
+    cli_args.add_open_options(p)
 
     r = sub.add_parser(
         "report",
@@ -106,7 +87,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     r.add_argument("file", help="the snapshot file")
     r.add_argument("-o", "--output", required=True, metavar="OUT", help="the HTML file to write")
     r.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    _open_options(r)
+    cli_args.add_open_options(r)
 
 
 def _print_diff(result: DiffResult) -> None:
