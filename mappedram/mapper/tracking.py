@@ -52,7 +52,9 @@ class Tracker:
 
     def round(self, final: bool) -> Iterator[Dirty]:
         """The dirty pages of this round, chunk by chunk. ``final``: the caller's writers
-        are paused, so the pages can be written in place."""
+        are paused. A final round after earlier ones yields copies, so the writers may
+        resume once it has been read (its pages are few: the earlier rounds took the
+        rest); a one-shot save (final and first) yields the pages in place."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -68,6 +70,7 @@ class ManualTracking(Tracker):
         super().__init__(pages)
         self._dirty = np.ones(len(pages), dtype=bool)
         self._lock = threading.Lock()
+        self._first = True
 
     def mark(self, index: Any) -> None:
         with self._lock:
@@ -75,12 +78,17 @@ class ManualTracking(Tracker):
 
     def round(self, final: bool) -> Iterator[Dirty]:
         # The marks are reset BEFORE the pages are written, so a change racing with the
-        # write is marked again and saved next round. Pages are written in place.
+        # write is marked again and saved next round. Pages are written in place but in
+        # a final round after earlier ones.
         with self._lock:
             dirty, self._dirty = self._dirty, np.zeros_like(self._dirty)
+        copy, self._first = final and not self._first, False
         for start, end in self.chunks():
             pos = np.flatnonzero(dirty[start:end])
-            yield pos + start, self.pages[start:end], pos
+            if copy:
+                yield pos + start, self.pages[start + pos], np.arange(len(pos))
+            else:
+                yield pos + start, self.pages[start:end], pos
 
 
 class DigestTracking(Tracker):
@@ -116,8 +124,8 @@ class DigestTracking(Tracker):
         for (start, end), digests in zip(chunks, ahead):
             live = self.pages[start:end]
             pos = np.flatnonzero(digests.result() != self._digests[start:end])
-            if final:
-                yield pos + start, live, pos
+            if final:  # no digests needed any more
+                yield pos + start, live[pos], np.arange(len(pos))
                 continue
             staged = live[pos]  # a copy of the dirty pages only
             self._digests[start + pos] = self._digest(staged)
@@ -183,6 +191,12 @@ class KernelTracking(Tracker):
             self._log.protect()  # arm first, then read every page
             self._armed = True
             dirty: Iterable[Dirty] = self._digest.round(final)
+        elif final:  # copy the written pages without judging them: writing a few more is quicker
+            candidates = self._candidates()
+            dirty = (
+                (part, self.pages[part], np.arange(len(part)))
+                for part in (candidates[s : s + SCAN_PAGES] for s in range(0, len(candidates), SCAN_PAGES))
+            )
         else:
             candidates = self._candidates()
             dirty = (

@@ -41,6 +41,7 @@ __all__ = ["DeviceState", "RoundStats", "SnapshotWriter"]
 _log = logging.getLogger(__name__)
 BATCH_BYTES = 8 << 20  # the most one channel item writes: on Linux 6.x, 1 MiB pwrites cost about
 # twice the kernel time of 8 MiB ones into the page cache (bench/bench_mapper.py)
+FINAL_HOLD_BYTES = 256 << 20  # complete(): the most of the final round's copies held back
 
 
 @dataclass
@@ -215,17 +216,32 @@ class SnapshotWriter:
         self._check_open()
         return self._round(final=False)
 
-    def _round(self, final: bool) -> RoundStats:
+    def _round(self, final: bool, on_copied: Callable[[], None] | None = None) -> RoundStats:
         began = time.perf_counter()
         sink = self._sink
         assert sink is not None
         sink.round = self.rounds
         sink.reset_counts()
+        # A final round after earlier ones comes as copies (Tracker.round): hold them back
+        # from the channels, whose queue is bounded, until the caller has been told.
+        copies = final and self.rounds > 0
+        held: list[tuple[Slots, np.ndarray, np.ndarray, np.ndarray]] = []
+        held_bytes = 0
         for blk in self._blocks.values():
             for pages, rows, row_of in blk.tracker.round(final):
-                sink.put(blk.slots, pages, rows, row_of)
+                if copies and held_bytes < FINAL_HOLD_BYTES:
+                    held.append((blk.slots, pages, rows, row_of))
+                    held_bytes += rows.nbytes
+                else:
+                    sink.put(blk.slots, pages, rows, row_of)
+        if copies and on_copied is not None:
+            on_copied()
+        for item in held:
+            sink.put(*item)
         if final or self.policy.sync_at(Event.ROUND_END) is Sync.LOCAL:
             sink.sync()  # the final round always: the bitmaps and the magic come after its pages
+        if not copies and on_copied is not None:
+            on_copied()
         if self.fsync and not final:
             os.fdatasync(self._fd)  # flush while the caller still runs: complete() has less to wait for
         self._append(self._composer.round_end())
@@ -247,14 +263,14 @@ class SnapshotWriter:
         """Final round (the caller has paused its writers), bitmaps, device state, EOF,
         description; fsync, then rename over the destination.
 
-        ``on_copied`` is called as soon as the final round is out of the caller's buffers
-        (the channels have synced): the caller may resume its writers there, and the rest
-        (bitmaps, stream tail, fsync, rename) no longer counts as its downtime."""
+        ``on_copied`` is called as soon as the final round is out of the caller's buffers:
+        after earlier rounds, once its pages are copied (up to FINAL_HOLD_BYTES of them are
+        held back from the channels until then); in a one-shot save, once the channels
+        have written them. The caller may resume its writers there; the rest (the writes,
+        bitmaps, stream tail, fsync, rename) no longer counts as its downtime."""
         self._check_open()
         try:
-            stats = self._round(final=True)
-            if on_copied is not None:
-                on_copied()
+            stats = self._round(final=True, on_copied=on_copied)
             for blk in self._blocks.values():
                 assert blk.place is not None
                 pwrite_all(self._fd, memoryview(self.layout.pack(blk.slots.saved)), blk.place.bitmap_offset)
