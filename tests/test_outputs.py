@@ -387,3 +387,27 @@ def test_convert_to_mapped_ram_reports_progress_while_reading(tmp_path):
     assert {t for _, t in seen} == {total}
     assert [d for d, _ in seen] == sorted(d for d, _ in seen) and seen[-1][0] == total
     assert len(seen) > 2  # not only 0% and 100%: once per extent read
+
+
+def test_writeback_starts_every_32_mib(tmp_path):
+    """Big outputs have the disk start on what is written as they go (the fsync at the
+    end then waits for the last piece): once per WRITEBACK_BYTES, through the real
+    sync_file_range where the C library has it."""
+    from mappedram.mapper.output import WRITEBACK_BYTES, Writeback, sync_file_range
+
+    started: list[int] = []
+    fd = os.open(tmp_path / "big", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        wb = Writeback(fd, start=started.append)
+        for _ in range(3 * WRITEBACK_BYTES // (1 << 20) + 5):
+            wb.wrote(1 << 20)
+        assert started == [fd, fd, fd]
+        real = sync_file_range()
+        if sys.platform.startswith("linux"):
+            assert real is not None
+        if real is not None:
+            os.pwrite(fd, bytes(WRITEBACK_BYTES), 0)
+            assert real(fd) == 0  # the call is well formed: EINVAL/EBADF would come back here
+            assert real(-1) == errno.EBADF
+    finally:
+        os.close(fd)

@@ -37,7 +37,7 @@ from .copy_plan import copy_range
 from .encoder import DeviceState, StreamComposer
 from .forward import IOV_MAX, FileWriter, ForwardSnapshot
 from .images import open_image
-from .output import OutputFile, output_file
+from .output import OutputFile, Writeback, output_file
 from .snapshot import Snapshot
 
 Progress = Callable[[int, int], None]
@@ -180,9 +180,11 @@ def to_mapped_ram(
         except MemoryError as err:
             raise OSError(errno.ENOMEM, f"{err}; not converted", src.path) from None
     out = _MappedRamOutput(src, out_path, libvirt_prefix(src, "sparse"), overwrite, layout)
+    writeback = Writeback(out.fd)
     try:
         if isinstance(src, ForwardSnapshot):
-            writer = FileWriter(out.fd, {name: place.pages_offset for name, place in out.places.items()})
+            bases = {name: place.pages_offset for name, place in out.places.items()}
+            writer = FileWriter(out.fd, bases, writeback=writeback)
             src.consume(writer, progress)
             writer.flush()
         else:
@@ -192,6 +194,7 @@ def to_mapped_ram(
                 progress(done, total)
             for block in src:
                 for copied in _copy_block(block, out.fd, out.places[block.name]):
+                    writeback.wrote(copied)
                     done += copied
                     if progress:
                         progress(done, total)
@@ -322,7 +325,18 @@ def to_stream(
         else:
             os.lseek(fd, len(prefix), os.SEEK_SET)
             with os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as out:
-                _write_stream(src, out, progress)
+                _write_stream(src, _Counted(out, Writeback(fd)), progress)
+
+
+class _Counted:
+    """A file's ``write`` that tells a Writeback what went through it."""
+
+    def __init__(self, out: Any, writeback: Writeback) -> None:
+        self.out, self.writeback = out, writeback
+
+    def write(self, data: Any) -> None:
+        self.out.write(data)
+        self.writeback.wrote(memoryview(data).nbytes)
 
 
 def check_target(to: str, compress: str | None) -> Mode:
