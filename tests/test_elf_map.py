@@ -164,12 +164,12 @@ def test_a_pc_file_without_pc_ram(tmp_path, capsys):
 
 
 # -- a block the file leaves out (x-ignore-shared) -------------------------------------------------
-def shared_ram_file(path, vram: np.ndarray, bios: np.ndarray):
-    """A QEMU 11 x-ignore-shared save whose pc.ram (64 pages) is left out of the file (its
-    MappedRamHeader's offsets 0, nothing reserved); vga.vram and pc.bios are in it."""
+def shared_file(path, blocks: list[tuple[str, np.ndarray, bool]]):
+    """A QEMU 11 x-ignore-shared save of ``blocks`` (name, data, in the file): a block left
+    out has its MappedRamHeader's offsets 0 and nothing reserved; the others are in it."""
     comp = StreamComposer(PAGE, capabilities=["mapped-ram", "x-ignore-shared"], machine="pc-i440fx-10.0")
     enc = comp.encoder
-    blocks = [("pc.ram", 64 * PAGE, None), ("vga.vram", vram.size, vram), ("pc.bios", bios.size, bios)]
+    blocks = [(name, data.size, data if in_file else None) for name, data, in_file in blocks]
     out = bytearray(comp.head())
     out += enc.ram_start(comp.ram_id) + enc.ram_word(sum(n for _, n, _ in blocks), RamFlag.MEM_SIZE)
     for name, length, data in blocks:
@@ -191,7 +191,8 @@ def shared_ram_file(path, vram: np.ndarray, bios: np.ndarray):
 @pytest.fixture
 def shared_ram(tmp_path):
     vram, bios = pattern_block(4, seed=2), pattern_block(64, seed=3)
-    path = shared_ram_file(tmp_path / "shared.sav", vram, bios)
+    blocks = [("pc.ram", pattern_block(64), False), ("vga.vram", vram, True), ("pc.bios", bios, True)]
+    path = shared_file(tmp_path / "shared.sav", blocks)
     with mappedram.open(path) as snap:  # what the file says, read by the reader
         assert [(b.name, b.in_file) for b in snap] == [("pc.ram", False), ("vga.vram", True), ("pc.bios", True)]
     assert mappedram.verify(path).ok
@@ -225,6 +226,24 @@ def test_pc_ram_left_out_others_placed_by_map(shared_ram, tmp_path, capsys):
         (0xFD000000, vram.tobytes()),
         ((1 << 32) - 64 * PAGE, bios.tobytes()),
     ]
+
+
+def test_pc_bios_left_out_is_said(tmp_path, capsys):
+    """pc.bios shared: pc.ram is exported by QEMU's layout, pc.bios is not (no zeros in its place)."""
+    ram = pattern_block(16, seed=4)
+    path = shared_file(tmp_path / "bios.sav", [("pc.ram", ram, True), ("pc.bios", pattern_block(64), False)])
+    core = tmp_path / "core"
+    assert export(capsys, path, core) == (
+        0,
+        [
+            "PT_LOAD 0x000000000000-0x000000010000  pc.ram +0x0",
+            "pc.bios: not in the file (x-ignore-shared), not exported",
+            f"{core}: 1 segments, {16 * PAGE} bytes of page data",
+        ],
+        "",
+    )
+    ((addr, size, offset),) = readelf_loads(core)
+    assert (addr, core.read_bytes()[offset : offset + size]) == (0, ram.tobytes())
 
 
 def test_map_of_a_shared_block_is_refused(tmp_path, capsys):
