@@ -53,7 +53,7 @@ def test_sizes_take_hex_and_suffixes(text, value):
         (["--map", "pc.ram=zz"], "argument --map: expected BLOCK=ADDR with a number for ADDR, found 'pc.ram=zz'"),
         (
             ["--map", "pc.ram=18446744073709551616"],
-            "argument --map: expected a guest-physical address below 0x10000000000000000, "
+            "argument --map: expected ADDR to be a guest-physical address below 0x10000000000000000, "
             "found 'pc.ram=18446744073709551616'",
         ),
         (

@@ -386,6 +386,13 @@ def test_library_placement_errors_and_left_out(shared_ram, paused_mr):
         with pytest.raises(ValueError, match=r"overlaps pc.bios at 0x1000-0x41000 \(--map\)") as err:
             mappedram.PhysicalView(snap, extra={"pc.bios": 0x1000})
         assert not isinstance(err.value, mappedram.FormatError)
+        for bad, why in (
+            (0x123, "a multiple of 4096"),
+            (-4096, "a guest-physical address below"),
+            (1 << 64, "a guest-physical"),
+        ):
+            with pytest.raises(ValueError, match=rf"extra\['pc.bios'\]: expected {why}"):
+                mappedram.PhysicalView(snap, extra={"pc.bios": bad})
         view = mappedram.PhysicalView(snap, extra={"pc.ram": 0})  # the VGA window's bytes from the block
         assert view.read(0xA0000, 0x20000) == bytes(snap.block("pc.ram").read()[0xA0000:0xC0000])
         assert view.left_out == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 PAGE = 4096  # QEMU maps x86 RAM in whole 4 KiB target pages
 FOUR_GIB = 1 << 32
+ADDRESS_END = 1 << 64  # the first address past guest-physical memory (and an ELF64 p_paddr)
 VGA_WINDOW = (0xA0000, 0xC0000)  # legacy video memory, read from the VGA device, not RAM
 MAIN_RAM = "pc.ram"  # split at the PCI hole: below_4g() bytes from 0, the rest from 4 GiB
 BIOS = "pc.bios"  # mapped just below 4 GiB
@@ -29,4 +30,13 @@ def below_4g_problem(size: int) -> str | None:
     """Why ``size`` cannot be the bytes of main RAM mapped below 4 GiB, or None."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 0 or size % PAGE or size > FOUR_GIB:
         return f"a multiple of {PAGE} (the x86 page) up to 4 GiB"
+    return None
+
+
+def address_problem(addr: int) -> str | None:
+    """Why a block cannot be placed at guest-physical ``addr`` (export-elf --map), or None."""
+    if isinstance(addr, bool) or not isinstance(addr, int) or not 0 <= addr < ADDRESS_END:
+        return f"a guest-physical address below {ADDRESS_END:#x}"
+    if addr % PAGE:
+        return f"a multiple of {PAGE} (the x86 page)"
     return None

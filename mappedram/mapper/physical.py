@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from ..errors import FormatError
-from ..formats.x86 import BIOS, FOUR_GIB, MAIN_RAM, VGA_WINDOW, below_4g, below_4g_problem
+from ..formats.x86 import ADDRESS_END, BIOS, FOUR_GIB, MAIN_RAM, VGA_WINDOW, address_problem, below_4g, below_4g_problem
 from .blocks import RamBlock, not_in_file
 from .copy_plan import GAP, copy_plan, copy_range
 from .cpunotes import cpu_notes
@@ -82,7 +82,7 @@ class PhysicalView:
         regions = _placed(snapshot, extra) + self._qemu_layout(below_4g_size, extra)
         regions = sorted((r for r in regions if r.size > 0), key=lambda r: r.start)
         for r in regions:
-            if r.end > 1 << 64:
+            if r.end > ADDRESS_END:
                 if r.origin == MAPPED:  # else the file's length of the block ends it there
                     raise ValueError(f"{r.block} at {r.start:#x} ({r.size} bytes) ends past the 64-bit address space")
                 raise FormatError(
@@ -157,6 +157,8 @@ def _placed(snap: Snapshot, extra: Mapping[str, int]) -> list[Region]:
     """The blocks the caller placed, each whole from its address."""
     regions = []
     for name, base in extra.items():
+        if why := address_problem(base):
+            raise ValueError(f"extra[{name!r}]: expected {why}, found {base!r}")
         block = snap.blocks.get(name)
         if block is None:
             raise ValueError(
