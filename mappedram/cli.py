@@ -243,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="BLOCK=ADDR",
-        help="also map the RAM block BLOCK at the page-aligned guest-physical ADDR, "
-        "e.g. 0000:00:02.0/vga.vram=0xfd000000 (repeatable)",
+        help="map the whole RAM block BLOCK from the page-aligned guest-physical ADDR, "
+        "e.g. 0000:00:02.0/vga.vram=0xfd000000 (repeatable); pc.ram or pc.bios named here are placed "
+        "there instead of by QEMU's layout",
     )
     elf.add_argument(
         "--progress", action="store_true", default=None, help="show a progress bar (default: when stderr is a terminal)"
@@ -527,21 +528,17 @@ def _cmd_export_elf(args: argparse.Namespace) -> int:
     with _open(args) as snap:
         try:
             view = PhysicalView(snap, below_4g_size=args.below_4g, extra=extra)
-        except (KeyError, ValueError) as err:
-            raise UsageError(str(err.args[0])) from None
-        for r in view.regions:
-            if r.end <= cli_args.U64_END:
-                continue
-            if r.block in extra:
-                raise UsageError(f"{r.block} at {r.start:#x} ({r.size} bytes) ends past the 64-bit address space")
-            raise FormatError(  # the file's claim of the block's length does not fit
-                snap.block(r.block).entry_offset, f"{r.block!r} to fit below 2^64 from {r.start:#x}", f"{r.size} bytes"
-            )
+        except ValueError as err:
+            if isinstance(err, FormatError):
+                raise
+            raise UsageError(f"{args.file}: {err}") from None
         bar = ProgressBar("export-elf", args.progress)
         copied = export_elf(view, args.output, overwrite=args.force, progress=bar)
         bar.close()
     for r in view.regions:
         _out(f"PT_LOAD {r.start:#014x}-{r.end:#014x}  {r.block} +{r.offset:#x}")
+    for line in view.left_out:
+        _out(line)
     _out(f"{args.output}: {len(view.regions)} segments, {copied} bytes of page data")
     return EXIT_OK
 

@@ -13,12 +13,10 @@ from typing import Any
 
 from .formats.bitmap import BIG_ENDIAN_64, LITTLE_ENDIAN_64
 from .formats.layout import MAX_PAGE_SIZE, MIN_PAGE_SIZE, valid_page_size
-from .formats.x86 import PAGE as X86_PAGE
-from .formats.x86 import below_4g_problem
+from .formats.x86 import address_problem, below_4g_problem
 from .mapper.channels import MAX_CHANNELS, check_count
 from .visual.workers import MAX_WORKERS, check_workers
 
-U64_END = 1 << 64  # first value past a 64-bit file offset or guest-physical address
 OFF_T_END = 1 << 63  # first offset past what lseek/pread take
 
 _UNITS = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
@@ -91,9 +89,8 @@ def block_at(text: str) -> tuple[str, int]:
         addr = parse_size(addr_text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected BLOCK=ADDR with a number for ADDR, found {text!r}") from None
-    _below(addr, U64_END, text, "a guest-physical address")
-    if addr % X86_PAGE:
-        raise argparse.ArgumentTypeError(f"expected ADDR to be a multiple of {X86_PAGE} (the x86 page), found {text!r}")
+    if why := address_problem(addr):
+        raise argparse.ArgumentTypeError(f"expected ADDR to be {why}, found {text!r}")
     return name, addr
 
 

@@ -59,15 +59,18 @@ class Vm:
         ram_mb: int = RAM_MB,
         machine: str = MACHINE,
         target: str = "x86_64",
+        smp: int = 1,
         extra_args: Sequence[str] = (),
     ) -> None:
         """``image`` is the x86 boot disk (None: no disk, no VGA, for a bare machine);
-        ``extra_args`` go on the command line as they are (devices, memory backends, -S)."""
+        ``smp`` the number of vCPUs (the guest runs on the first, the firmware halts the
+        others); ``extra_args`` go on the command line as they are (devices, memory
+        backends, -S)."""
         binary = qemu_binary(target)
         assert binary is not None
         self.sock_path = workdir / f"{name}.qmp"
         self.log = (workdir / f"{name}.log").open("wb")
-        args = [binary, "-machine", machine, "-accel", "tcg", "-m", str(ram_mb), "-smp", "1"]
+        args = [binary, "-machine", machine, "-accel", "tcg", "-m", str(ram_mb), "-smp", str(smp)]
         args += ["-display", "none", "-monitor", "none", "-serial", "none", "-parallel", "none"]
         args += ["-nodefaults", "-net", "none"]
         if image is not None:

@@ -53,7 +53,7 @@ def test_sizes_take_hex_and_suffixes(text, value):
         (["--map", "pc.ram=zz"], "argument --map: expected BLOCK=ADDR with a number for ADDR, found 'pc.ram=zz'"),
         (
             ["--map", "pc.ram=18446744073709551616"],
-            "argument --map: expected a guest-physical address below 0x10000000000000000, "
+            "argument --map: expected ADDR to be a guest-physical address below 0x10000000000000000, "
             "found 'pc.ram=18446744073709551616'",
         ),
         (
@@ -89,7 +89,9 @@ def test_map_past_the_64_bit_address_space(capsys, paused_mr, tmp_path):
     argv[-1] = f"{vram}=0xfffffffffffff000"
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err == (f"mappedram: {vram} at 0xfffffffffffff000 (16777216 bytes) ends past the 64-bit address space\n")
+    assert err == (
+        f"mappedram: {paused_mr}: {vram} at 0xfffffffffffff000 (16777216 bytes) ends past the 64-bit address space\n"
+    )
     argv += ["--map", f"{vram}=0x10000000000"]
     assert main(argv) == 2
     assert capsys.readouterr().err == "mappedram: --map names a block twice\n"

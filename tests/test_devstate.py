@@ -536,10 +536,11 @@ def _wait_long_mode(vm):
         time.sleep(0.1)
 
 
-@pytest.fixture(scope="module", params=["protected", "long"])
+@pytest.fixture(scope="module", params=["protected", "long", "protected-3-vcpus"])
 def paused_qemu(request, tmp_path_factory):
-    """One paused run of a guest (boot.S in 32-bit protected mode, or long_mode.S): QEMU's
-    `info registers`, its dump-guest-memory core and its mapped-ram save of the same vCPU."""
+    """One paused run of a guest (boot.S in 32-bit protected mode, or long_mode.S; with 3
+    vCPUs, the firmware's halted APs beside boot.S): QEMU's `info registers` (of the first
+    vCPU), its dump-guest-memory core and its mapped-ram save of the same vCPUs."""
     from qemu_vm import Vm, boot_and_wait, build_guest, qemu_binary, save
 
     if qemu_binary() is None or shutil.which("as") is None:
@@ -548,9 +549,10 @@ def paused_qemu(request, tmp_path_factory):
         pytest.skip("needs qemu-system-x86_64 >= 10.0 and GNU as (see .ci/install-qemu)")
     workdir = tmp_path_factory.mktemp(f"devstate-{request.param}")
     long_mode = request.param == "long"
+    vcpus = 3 if request.param.endswith("3-vcpus") else 1
     image = build_guest(workdir, source=LONG_MODE_GUEST, long_mode=True) if long_mode else build_guest(workdir)
-    files = SimpleNamespace(long_mode=long_mode, save=workdir / "regs.sav", core=workdir / "qemu.core")
-    with Vm(workdir, image, name=f"regs{time.monotonic_ns()}") as vm:
+    files = SimpleNamespace(long_mode=long_mode, vcpus=vcpus, save=workdir / "regs.sav", core=workdir / "qemu.core")
+    with Vm(workdir, image, name=f"regs{time.monotonic_ns()}", smp=vcpus) as vm:
         if long_mode:
             _wait_long_mode(vm)
         else:
@@ -725,8 +727,11 @@ def test_notes_equal_dump_guest_memory(paused_qemu, tmp_path):
     machine, notes = _notes(ours)
     assert (machine, notes) == _notes(paused_qemu.core)
     prstatus = (62, 336) if paused_qemu.long_mode else (3, 144)  # EM_X86_64 or EM_386
+    vcpus = paused_qemu.vcpus  # as QEMU writes them: every NT_PRSTATUS, then every QEMU note
     assert (machine, [(n, t, len(d)) for n, t, d in notes]) == (
         prstatus[0],
-        [(b"CORE\0", 1, prstatus[1]), (b"QEMU\0", 0, 440)],
+        [(b"CORE\0", 1, prstatus[1])] * vcpus + [(b"QEMU\0", 0, 440)] * vcpus,
     )
+    pid_at = 32 if paused_qemu.long_mode else 24  # QEMU's pid field: the vCPU's index + 1
+    assert [struct.unpack_from("<I", d, pid_at)[0] for _, t, d in notes if t == 1] == list(range(1, vcpus + 1))
     assert _gdb_registers(ours) == _gdb_registers(paused_qemu.core)

@@ -12,8 +12,8 @@ from fuzz_harness import CORPUS, exercise, make_seeds, run
 import mappedram
 from mappedram import FormatError
 from mappedram.formats import structs as S
-from mappedram.formats.constants import RamFlag
-from mappedram.mapper.encoder import StreamEncoder
+from mappedram.formats.bitmap import LITTLE_ENDIAN_64
+from mappedram.mapper.encoder import StreamComposer
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +86,18 @@ def test_stream_claiming_2_60_bytes_allocates_nothing(tmp_path, paused_mr):
 
 
 def test_name_of_255_bytes_with_nothing_behind(tmp_path):
-    enc = StreamEncoder(4096)
-    data = enc.header() + enc.configuration("pc-q35-10.0", ["mapped-ram"]) + enc.ram_start(2)
-    data += enc.ram_word(1 << 20, RamFlag.MEM_SIZE) + b"\xff" + b"x" * 10
+    """A block entry cut after its name's length byte (255) and 10 of the name's bytes."""
+    comp = StreamComposer(4096, capabilities=["mapped-ram"], machine="pc-q35-10.0")
+    head = comp.head()
+    pieces, _, _ = comp.ram_start(len(head), [("x" * 255, 1 << 20)], LITTLE_ENDIAN_64)
+    (start_at, start), (entry_at, entry) = pieces[:2]
+    assert (start_at, entry_at, entry[:1]) == (len(head), len(head) + len(start), b"\xff")
+    data = head + start + entry[:11]
     path = tmp_path / "name.sav"
     path.write_bytes(data)
     with pytest.raises(FormatError) as err:
         mappedram.open(path)
-    assert err.value.offset == len(data) - 11 and "RAM block entry 0" in err.value.expected
+    assert err.value.offset == entry_at and "RAM block entry 0" in err.value.expected
     assert "end of the file" in err.value.found
 
 

@@ -3,15 +3,16 @@
 The file does not record where a RAM block sits in guest-physical memory (FORMAT.md
 §5); for x86 `pc` (i440fx) and `q35` machines QEMU's rule is known:
 
-- "pc.ram" is split at ``below_4g``: its first part is mapped from 0, the rest from
-  4 GiB. pc: ``below_4g`` is 3 GiB when RAM >= 3.5 GiB (0xe0000000), else all of RAM;
-  q35: 2 GiB when RAM >= 2.75 GiB (0xb0000000), else all of RAM (pc_piix.c, pc_q35.c).
+- "pc.ram" is split at the PCI hole (formats/x86.py, ``below_4g``): its first part is
+  mapped from 0, the rest from 4 GiB.
 - The legacy VGA window [0xa0000, 0xc0000) is device memory, not RAM; [0xc0000,
   0x100000) is RAM again once the firmware has shadowed its ROMs there (SeaBIOS does,
   through the PAM registers), so it is taken from pc.ram.
 - "pc.bios" is mapped just below 4 GiB.
 - Anything else (video RAM behind a PCI BAR, option ROMs) depends on what the
   firmware programmed; give it with ``extra={"0000:00:02.0/vga.vram": 0xfd000000}``.
+  A block named there is placed whole at that address, pc.ram and pc.bios too (instead of
+  the rule above): so are other machines' blocks exported.
 """
 
 from __future__ import annotations
@@ -22,44 +23,53 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from ..errors import FormatError
-from ..formats.x86 import FOUR_GIB, VGA_WINDOW, below_4g_problem
-from .blocks import RamBlock
+from ..formats.x86 import ADDRESS_END, BIOS, FOUR_GIB, MAIN_RAM, VGA_WINDOW, address_problem, below_4g, below_4g_problem
+from .blocks import RamBlock, not_in_file
 from .copy_plan import GAP, copy_plan, copy_range
 from .cpunotes import cpu_notes
 from .forward import ForwardSnapshot, copy_regions_forward
 from .output import output_file
 from .snapshot import Snapshot
 
-MAIN_RAM = "pc.ram"
-BIOS = "pc.bios"
+QEMU_LAYOUT, MAPPED, BELOW_4G = "QEMU's layout", "--map", "--below-4g"  # who placed a region
 
 
 @dataclass(frozen=True)
 class Region:
-    """``size`` bytes of ``block`` from ``offset``, at guest-physical ``start``."""
+    """``size`` bytes of ``block`` from ``offset``, at guest-physical ``start``; ``origin``
+    says who placed it there (QEMU's layout or an option), for the error lines."""
 
     start: int
     size: int
     block: str
     offset: int
+    origin: str = QEMU_LAYOUT
 
     @property
     def end(self) -> int:
         return self.start + self.size
 
+    @property
+    def given(self) -> bool:
+        """Placed by the caller (--map, --below-4g), not by QEMU's layout from the file."""
+        return self.origin != QEMU_LAYOUT
 
-def below_4g(machine_type: str | None, ram_size: int) -> int:
-    """Bytes of main RAM mapped below 4 GiB for this machine type and RAM size."""
-    machine = machine_type or ""
-    if "q35" in machine:
-        return 0x80000000 if ram_size >= 0xB0000000 else ram_size
-    if "i440fx" in machine or machine.startswith("pc-") or machine == "pc":
-        return 0xC0000000 if ram_size >= 0xE0000000 else ram_size
-    raise ValueError(f"no guest-physical layout known for machine type {machine_type!r}; give below_4g=")
+    def __str__(self) -> str:
+        return f"{self.block} at {self.start:#x}-{self.end:#x} ({self.origin})"
 
 
 class PhysicalView:
-    """Read guest-physical memory of a snapshot: ``view.read(addr, n)``."""
+    """Read guest-physical memory of a snapshot: ``view.read(addr, n)``.
+
+    ``extra`` places blocks (export-elf's --map): each whole from its address; pc.ram or
+    pc.bios named there replace QEMU's layout for them. ``below_4g_size`` (--below-4g)
+    overrides QEMU's split of pc.ram. Error messages name the two options. A mistake of the
+    caller (a block the file does not list or does not hold, placements that overlap or end
+    past 2^64) is a ValueError; a block whose length from the file does not fit QEMU's
+    layout is a FormatError at its entry. ``left_out`` lists, one line each, the blocks of
+    QEMU's layout that the file leaves out (x-ignore-shared); without pc.ram in the file,
+    ``extra`` must place what to export.
+    """
 
     def __init__(
         self, snapshot: Snapshot, *, below_4g_size: int | None = None, extra: Mapping[str, int] | None = None
@@ -67,24 +77,64 @@ class PhysicalView:
         if below_4g_size is not None and (why := below_4g_problem(below_4g_size)):
             raise ValueError(f"below_4g_size: expected {why}, found {below_4g_size!r}")
         self.snapshot = snapshot
-        ram = snapshot.block(MAIN_RAM)
-        low = below_4g_size if below_4g_size is not None else below_4g(snapshot.machine_type, ram.used_length)
-        low = min(low, ram.used_length)
-        regions = [Region(0, min(low, VGA_WINDOW[0]), MAIN_RAM, 0)]
-        if low > VGA_WINDOW[1]:
-            regions.append(Region(VGA_WINDOW[1], low - VGA_WINDOW[1], MAIN_RAM, VGA_WINDOW[1]))
-        if ram.used_length > low:
-            regions.append(Region(FOUR_GIB, ram.used_length - low, MAIN_RAM, low))
-        if BIOS in snapshot.blocks:
-            bios = snapshot.block(BIOS)
-            regions.append(Region(FOUR_GIB - bios.used_length, bios.used_length, BIOS, 0))
-        for name, base in (extra or {}).items():
-            regions.append(Region(base, snapshot.block(name).used_length, name, 0))
-        regions.sort(key=lambda r: r.start)
+        extra = dict(extra or {})
+        self.left_out: list[str] = []
+        regions = _placed(snapshot, extra) + self._qemu_layout(below_4g_size, extra)
+        regions = sorted((r for r in regions if r.size > 0), key=lambda r: r.start)
+        for r in regions:
+            if r.end > ADDRESS_END:
+                if r.origin == MAPPED:  # else the file's length of the block ends it there
+                    raise ValueError(f"{r.block} at {r.start:#x} ({r.size} bytes) ends past the 64-bit address space")
+                raise FormatError(
+                    snapshot.block(r.block).entry_offset,
+                    f"{r.block!r} to fit below 2^64 from {r.start:#x}",
+                    f"{r.size} bytes",
+                )
         for a, b in zip(regions, regions[1:]):
             if a.end > b.start:
-                raise ValueError(f"{a.block} at {a.start:#x} and {b.block} at {b.start:#x} overlap")
-        self.regions = [r for r in regions if r.size > 0]
+                if a.given or b.given:
+                    raise ValueError(f"{a} overlaps {b}")
+                raise FormatError(
+                    snapshot.block(b.block).entry_offset,
+                    "RAM blocks that do not overlap in QEMU's layout",
+                    f"{a} and {b}",
+                )
+        self.regions = regions
+
+    def _qemu_layout(self, below_4g_size: int | None, extra: Mapping[str, int]) -> list[Region]:
+        """pc.ram and pc.bios where QEMU puts them, unless ``extra`` places them."""
+        snap, regions = self.snapshot, []
+        ram = snap.blocks.get(MAIN_RAM)
+        if MAIN_RAM in extra:
+            if below_4g_size is not None:
+                raise ValueError(
+                    f"{BELOW_4G} splits {MAIN_RAM} around the PCI hole and {MAPPED} {MAIN_RAM}=ADDR places it whole: "
+                    "give one of them"
+                )
+        elif ram is None or not ram.in_file:
+            why = (
+                f"no RAM block {MAIN_RAM!r} (the main RAM of x86 pc and q35 machines)"
+                if ram is None
+                else not_in_file(ram)
+            )
+            if below_4g_size is not None:
+                raise ValueError(f"{BELOW_4G} splits {MAIN_RAM}, which cannot be exported: {why}")
+            if not extra:
+                held = ", ".join(b.name for b in snap if b.in_file) or "none"
+                raise ValueError(f"{why}; give {MAPPED} BLOCK=ADDR to place the blocks to export (in the file: {held})")
+            if ram is not None:
+                self.left_out.append(f"{MAIN_RAM}: not in the file (x-ignore-shared), not exported")
+        else:
+            regions += _main_ram(snap, ram, below_4g_size)
+        bios = snap.blocks.get(BIOS)
+        if bios is not None and BIOS not in extra:
+            if not bios.in_file:
+                self.left_out.append(f"{BIOS}: not in the file (x-ignore-shared), not exported")
+            elif bios.used_length > FOUR_GIB:
+                raise FormatError(bios.entry_offset, f"{BIOS!r} to fit below 4 GiB", f"{bios.used_length} bytes")
+            else:
+                regions.append(Region(FOUR_GIB - bios.used_length, bios.used_length, BIOS, 0))
+        return regions
 
     def read(self, addr: int, size: int) -> bytes:
         """``size`` bytes from guest-physical ``addr``; every byte must be RAM."""
@@ -101,6 +151,44 @@ class PhysicalView:
             addr += take
             size -= take
         return bytes(out)
+
+
+def _placed(snap: Snapshot, extra: Mapping[str, int]) -> list[Region]:
+    """The blocks the caller placed, each whole from its address."""
+    regions = []
+    for name, base in extra.items():
+        if why := address_problem(base):
+            raise ValueError(f"extra[{name!r}]: expected {why}, found {base!r}")
+        block = snap.blocks.get(name)
+        if block is None:
+            raise ValueError(
+                f"{MAPPED} {name}={base:#x}: no RAM block {name!r} in the file; blocks: {', '.join(snap.blocks)}"
+            )
+        if not block.in_file:
+            raise ValueError(f"{MAPPED} {name}={base:#x}: {not_in_file(block)}")
+        regions.append(Region(base, block.used_length, name, 0, MAPPED))
+    return regions
+
+
+def _main_ram(snap: Snapshot, ram: RamBlock, below_4g_size: int | None) -> list[Region]:
+    """pc.ram split at the PCI hole, the VGA window left out (the module's docstring)."""
+    if below_4g_size is None:
+        try:
+            low, origin = below_4g(snap.machine_type, ram.used_length), QEMU_LAYOUT
+        except ValueError:
+            raise ValueError(
+                f"no guest-physical layout known for machine type {snap.machine_type!r} (x86 pc and q35 only): "
+                f"give {BELOW_4G} BYTES, or {MAPPED} {MAIN_RAM}=ADDR"
+            ) from None
+    else:
+        low, origin = below_4g_size, BELOW_4G
+    low = min(low, ram.used_length)
+    regions = [Region(0, min(low, VGA_WINDOW[0]), MAIN_RAM, 0, origin)]
+    if low > VGA_WINDOW[1]:
+        regions.append(Region(VGA_WINDOW[1], low - VGA_WINDOW[1], MAIN_RAM, VGA_WINDOW[1], origin))
+    if ram.used_length > low:
+        regions.append(Region(FOUR_GIB, ram.used_length - low, MAIN_RAM, low, origin))
+    return regions
 
 
 def _block_bytes(block: RamBlock, offset: int, size: int) -> bytes:
