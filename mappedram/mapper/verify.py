@@ -87,7 +87,7 @@ def verify(
     """
     report = Report(os.fspath(path))
     try:
-        snap = open_image(path, progress=progress if hash_blocks else None, **open_args)
+        snap = open_image(path, progress=progress, **open_args)  # a compressed image's one pass
     except FormatError as err:
         report.problems.append(Problem(err.offset, _expected(err)))
         return report
