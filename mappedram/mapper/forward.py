@@ -247,7 +247,7 @@ class KeptBytes:
         self.limit = limit
         self.size = 0  # bytes kept
         self._starts: list[int] = []  # in stream order
-        self._parts: list[tuple[int, bytes | None]] = []  # (end, bytes or None: dropped)
+        self._parts: list[tuple[int, bytearray | None]] = []  # (end, bytes or None: dropped)
 
     @property
     def room(self) -> int:
@@ -279,7 +279,7 @@ class KeptBytes:
                 "configuration and non-RAM sections)",
                 "more with the section here",
             )
-        return data[offset - start : offset - start + length]
+        return bytes(memoryview(data)[offset - start : offset - start + length])
 
 
 class _ForwardWalker(StreamWalker):

@@ -141,7 +141,7 @@ class Cursor:
         self._base = pos
         self._view = memoryview(self._buf)
         self._record_limit = 0
-        self._recording: list[bytes] | None = None
+        self._recording: bytearray | None = None  # grown in place: no second copy to join
         self._record_at = 0  # the first byte not yet in _recording
         self._record_size = 0
 
@@ -182,15 +182,15 @@ class Cursor:
         ``limit`` of them."""
         if not self._base <= pos <= self._base + len(self._buf):
             raise ValueError("recording starts inside the window")
-        self._recording, self._record_at, self._record_size, self._record_limit = [], pos, 0, limit
+        self._recording, self._record_at, self._record_size, self._record_limit = bytearray(), pos, 0, limit
 
-    def recorded(self, end: int) -> bytes | None:
+    def recorded(self, end: int) -> bytearray | None:
         """The bytes from ``record_from``'s offset to ``end`` (passed by now), or None when
         they were more than its ``limit``; stops recording."""
         buf, base = self._buf, self._base
         self._keep(buf[self._record_at - base : end - base])
         kept, self._recording = self._recording, None
-        return None if kept is None or self._record_size > self._record_limit else b"".join(kept)
+        return None if kept is None or self._record_size > self._record_limit else kept
 
     def _keep(self, data: bytes | None) -> None:
         if self._recording is None:
@@ -199,7 +199,7 @@ class Cursor:
             self._record_size = self._record_limit + 1  # over the limit, or bytes skipped unread
             self._recording.clear()
             return
-        self._recording.append(data)
+        self._recording += data
         self._record_size += len(data)
 
     def require(self, length: int, what: str) -> None:
