@@ -367,7 +367,9 @@ class _Passed:
 class ForwardSnapshot(Snapshot):
     """A classic stream read once from front to back: a compressed libvirt image (see
     the module), or an uncompressed file that convert reads without a page index.
-    ``offset``: where an uncompressed file's stream starts (as for ``open``)."""
+    ``offset``: where an uncompressed file's stream starts (as for ``open``).
+    ``device_state_limit``: the bytes of a compressed image's configuration and non-RAM
+    sections its pass keeps, in all (``KeptBytes``); an uncompressed file keeps none."""
 
     one_pass = True
 
