@@ -26,11 +26,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import fixture_file, load_manifest
-from test_compressed import FORMATS, libvirt_header, write_image
+from test_compressed import COMPRESS, FORMATS, libvirt_header, write_image
 
 import mappedram
 from mappedram.cli import main
 from mappedram.formats.constants import SectionType
+from mappedram.mapper.devstate import all_device_states, configuration_state
 from mappedram.mapper.encoder import StreamEncoder
 from mappedram.mapper.forward import DEVICE_STATE_LIMIT, ForwardSnapshot
 
@@ -44,7 +45,7 @@ def legacy(tmp_path_factory) -> dict[str, Path]:
     """The legacy fixture behind libvirt's header: raw, and through each compressor."""
     out = tmp_path_factory.mktemp("legacy")
     stream = fixture_file(LEGACY).read_bytes()
-    fmts = ["raw"] + [p.values[0] for p in FORMATS if not p.marks or shutil.which("lzop")]
+    fmts = ["raw"] + [f for f in COMPRESS if f != "lzop" or shutil.which("lzop")]
     return {fmt: write_image(out / f"img.{fmt}", fmt, stream) for fmt in fmts}
 
 
@@ -99,16 +100,10 @@ def test_dump_state_tree_and_desc_of_a_converted_image(converted, capsys):
         assert code == 0 and err == ""
         assert run(capsys, "dump", *flags, converted.raw)[1] == ours.replace(str(converted.zstd), str(converted.raw))
     with mappedram.open(fixture_file(LIBVIRT)) as snap:  # and the fields of QEMU's own file
-        fixture = [(d.idstr, d.instance_id, d.fields) for d in _states(snap)]
+        fixture = [(d.idstr, d.instance_id, d.fields) for d in all_device_states(snap)]
     with mappedram.open(converted.zstd) as snap:
         assert isinstance(snap, ForwardSnapshot) and snap.compressor == "zstd"
-        assert [(d.idstr, d.instance_id, d.fields) for d in _states(snap)] == fixture
-
-
-def _states(snap):
-    from mappedram.mapper.devstate import all_device_states
-
-    return all_device_states(snap)
+        assert [(d.idstr, d.instance_id, d.fields) for d in all_device_states(snap)] == fixture
 
 
 def test_device_state_after_the_pages_were_restored(legacy):
@@ -289,7 +284,9 @@ def test_gdb_reads_the_notes_after_the_segments(tmp_path, capsys):
     assert re.findall(r"^eax +(0x[0-9a-f]+)", out, re.M) == [hex(0x1111 * 2), hex(0x1111 * 7)]  # vCPUs 2 and 7
 
 
-def test_image_without_a_description_exports_memory_only(tmp_path, capsys):
+def test_image_without_a_description(tmp_path, capsys):
+    """(suppress-vmdesc) export-elf writes memory only, dump --state says so in one line,
+    extract --all writes the blocks without desc.json and state.json: as uncompressed."""
     stream = fixture_file(LEGACY).read_bytes()
     with mappedram.open(fixture_file(LEGACY)) as snap:
         eof = snap.eof_offset
@@ -300,6 +297,18 @@ def test_image_without_a_description_exports_memory_only(tmp_path, capsys):
     assert run(capsys, "export-elf", raw, "-o", theirs)[0] == 0
     assert note_bytes(ours) == b"" and elf(ours)[0] == 62
     assert ours.read_bytes() == theirs.read_bytes()
+    at = len(libvirt_header("gzip")) + eof + 1
+    assert run(capsys, "dump", "--state", image) == (
+        1,
+        "",
+        f"mappedram: {image}: offset {at:#x} ({at}): expected a VM description after EOF, found none\n",
+    )
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(capsys, "extract", image, "--all", "-o", a)[0] == 0
+    assert run(capsys, "extract", raw, "--all", "-o", b)[0] == 0
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    assert "blocks.json" in {p.name for p in a.iterdir()} and not (a / "state.json").exists()
+    assert json.loads((a / "blocks.json").read_text())["state"] is None
 
 
 # -- the cap on what the pass keeps -----------------------------------------------------------
@@ -352,8 +361,6 @@ def test_more_device_state_than_the_cap_is_one_line(tmp_path, capsys):
 
 def test_the_cap_is_a_constructor_argument(legacy):
     """Smaller than the header and configuration: nothing is kept, each read names its element."""
-    from mappedram.mapper.devstate import configuration_state
-
     with ForwardSnapshot(legacy["gzip"], device_state_limit=16) as snap:
         cpu = next(s for s in snap.devices if s.idstr == "cpu")
         for read, offset in (
