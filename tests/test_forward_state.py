@@ -311,6 +311,26 @@ def test_image_without_a_description(tmp_path, capsys):
     assert json.loads((a / "blocks.json").read_text())["state"] is None
 
 
+def test_undecodable_cpu_section_is_one_line_and_no_core(tmp_path, capsys):
+    """The notes come last in the pass: a cpu section they cannot use removes the core."""
+    stream = fixture_file(LEGACY).read_bytes()
+    with mappedram.open(fixture_file(LEGACY)) as snap:
+        vmdesc, eof = copy.deepcopy(snap.vmdesc), snap.eof_offset
+        cpu = next(s for s in snap.devices if s.idstr == "cpu")
+    desc = next(d for d in vmdesc["devices"] if d["name"] == "cpu")
+    next(f for f in desc["fields"] if f["name"] == "env.eip")["type"] = "bool"
+    image = write_image(tmp_path / "retyped.sav", "xz", stream[:eof] + StreamEncoder(4096).eof(vmdesc))
+    core = tmp_path / "core.elf"
+    at, eip_at = (len(libvirt_header("xz")) + x for x in (cpu.payload_offset, cpu.payload_offset + 16 * 8))
+    assert run(capsys, "export-elf", image, "-o", core) == (
+        1,
+        "",
+        f"mappedram: {image}: offset {at:#x} ({at}): expected the registers of an x86 cpu section, found offset "
+        f"{eip_at:#x}: expected 1 bytes for bool cpu/env.eip, found a size of 8\n",
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["retyped.sav"]  # no core, no .partial
+
+
 # -- the cap on what the pass keeps -----------------------------------------------------------
 BIG = 40 << 20  # two device sections of this size: more than DEVICE_STATE_LIMIT together
 
