@@ -150,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the report as JSON: {file, valid, problems, notes, sha256}"
     )
     ver.add_argument(
-        "--progress", action="store_true", default=None, help="show a progress bar for --hash (default: on a terminal)"
+        "--progress",
+        action="store_true",
+        default=None,
+        help="show a progress bar for --hash or a compressed image (default: on a terminal)",
     )
 
     ext = sub.add_parser(
@@ -376,22 +379,27 @@ def _json_out(value: Any) -> None:
     print()
 
 
-def _open(args: argparse.Namespace) -> Snapshot:
-    """The file; a compressed libvirt image opened for its one forward pass."""
-    return open_image(args.file, **cli_args.open_args(args))
+def _open(args: argparse.Namespace, progress: ProgressBar | None = None) -> Snapshot:
+    """The file; a compressed libvirt image opened for its one forward pass (``progress``:
+    its compressed bytes read)."""
+    return open_image(args.file, progress=progress, **cli_args.open_args(args))
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
+    bar = ProgressBar("dump", None)  # a compressed image's one pass, on a terminal
     if args.state or args.desc:
         from .mapper.devstate import print_device_states
 
-        with _open(args) as snap:
+        with _open(args, bar) as snap:
+            snap.vmdesc  # the pass under the bar, ended before the output
+            bar.close()
             print_device_states(snap, sys.stdout, desc=args.desc, as_json=args.json)
         return EXIT_OK
     if args.libvirt_xml:
         return _dump_libvirt_xml(args)
-    with _open(args) as snap:
+    with _open(args, bar) as snap:
         info = _dump_info(snap, sections=not args.no_sections, stale=args.stale)
+    bar.close()
     if args.json:
         _json_out(info)
     else:
@@ -421,12 +429,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .mapper.verify import verify
 
     hashing = args.hash or args.hash_zeros  # asking for every block's sha256 is asking for hashes
-    bar = ProgressBar("hashing", args.progress) if hashing else None
+    bar = ProgressBar("hashing" if hashing else "verify", args.progress)  # verify: a compressed image's pass
     report = verify(
         args.file, hash_blocks=hashing, hash_zeros=args.hash_zeros, progress=bar, **cli_args.open_args(args)
     )
-    if bar:
-        bar.close()
+    bar.close()
     if args.json:
         _json_out(report.describe())
     else:

@@ -370,10 +370,3 @@ def test_zstd_through_the_program_without_the_module(images, monkeypatch):
     path.write_bytes(bytes(damaged))
     report = mappedram.verify(path, hash_blocks=True)  # the program's output before it notices
     assert not report.ok and len(report.problems) == 1 and not report.hashes
-
-
-def test_dump_state_says_to_convert_first(images, capsys):
-    """The configuration section's bytes are read by offset: one line naming the way out."""
-    assert main(["dump", "--state", str(images["zstd"])]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "reads in one forward pass" in err and "--to stream" in err

@@ -135,7 +135,7 @@ def test_round_trip_of_a_qemu_mapped_ram_file(tmp_path):
 def test_device_state_over_the_limit_is_one_line(tmp_path):
     image = write_image(tmp_path / "in.sav", "gzip", fixture_file(LEGACY).read_bytes())
     with ForwardSnapshot(image, device_state_limit=64) as snap:
-        with pytest.raises(mappedram.FormatError, match="a device section under 64 bytes to carry over"):
+        with pytest.raises(mappedram.FormatError, match="expected at most 64 bytes of device state"):
             to_mapped_ram(snap, tmp_path / "out.sav")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.sav"]  # no output, no .partial
 

@@ -22,12 +22,14 @@ import json
 import os
 import re
 import stat
+from contextlib import ExitStack
 from typing import Any, Callable, Iterable, Mapping
 
 from .blocks import RamBlock
 from .channels import pwrite_all
 from .devstate import states_info
-from .output import check_output, output_file, refused
+from .forward import FileWriter, ForwardSnapshot, PerBlock
+from .output import Writeback, check_output, output_file, refused
 from .restore import extract
 
 MAP_NAME = "blocks.json"
@@ -91,53 +93,78 @@ def extract_all(
     A block the file leaves out (x-ignore-shared) is listed with ``"path": null`` and
     not written. Without a usable VM description, ``desc.json`` and
     ``state.json`` are not written (``"desc"``/``"state"`` null in the map).
+    A compressed image is written in its one pass, every block file at once; its VM
+    description comes at its end, so the names of the JSON files are checked whatever.
     """
     directory = os.fspath(directory)
     blocks: list[RamBlock] = list(snapshot)
     files = safe_names(b.name for b in blocks)
-    vmdesc = snapshot.vmdesc
-    outputs = [files[b.name] for b in blocks if b.in_file] + [MAP_NAME]
-    if vmdesc is not None:
+    written = [b for b in blocks if b.in_file]
+    outputs = [files[b.name] for b in written] + [MAP_NAME]
+    if snapshot.one_pass or snapshot.vmdesc is not None:
         outputs += [DESC_NAME, STATE_NAME]
     _prepare_directory(directory, snapshot.fd)
     for name in outputs:  # all or nothing: refuse before the first file is written
         check_output(os.path.join(directory, name), overwrite=overwrite, source_fds=[snapshot.fd])
+    paths = {b.name: os.path.join(directory, files[b.name]) for b in written}
+    if snapshot.one_pass:
+        state = _blocks_in_one_pass(snapshot, paths, overwrite, progress)
+    else:
+        total = sum(b.populated * b.page_size for b in written)
+        done = 0
 
-    total = sum(b.populated * b.page_size for b in blocks if b.in_file)
-    done = 0
+        def moved(block_done: int, _block_total: int) -> None:
+            if progress:
+                progress(done + block_done, total)
 
-    def moved(block_done: int, _block_total: int) -> None:
+        for block in written:
+            done += extract(snapshot, block.name, paths[block.name], overwrite=overwrite, progress=moved)
         if progress:
-            progress(done + block_done, total)
-
-    entries: dict[str, dict[str, Any]] = {}
-    for block in blocks:
-        entry: dict[str, Any] = {
-            "path": files[block.name] if block.in_file else None,
-            "in_file": block.in_file,
-            "used_length": block.used_length,
-            "page_size": block.page_size,
-            "pages_present": block.populated,
-        }
-        if block.in_file:
-            done += extract(
-                snapshot, block.name, os.path.join(directory, files[block.name]), overwrite=overwrite, progress=moved
-            )
-        entries[block.name] = entry
-    if progress:
-        progress(total, total)
+            progress(total, total)
+        state = states_info(snapshot) if snapshot.vmdesc is not None else None
     summary: dict[str, Any] = {
         "file": snapshot.path,
         "desc": None,
         "state": None,
-        "blocks": entries,
+        "blocks": {
+            block.name: {
+                "path": files[block.name] if block.in_file else None,
+                "in_file": block.in_file,
+                "used_length": block.used_length,
+                "page_size": block.page_size,
+                "pages_present": block.populated,
+            }
+            for block in blocks
+        },
     }
-    if vmdesc is not None:
-        _write_json(os.path.join(directory, DESC_NAME), vmdesc, snapshot.fd, overwrite)
-        _write_json(os.path.join(directory, STATE_NAME), states_info(snapshot), snapshot.fd, overwrite)
+    if state is not None:
+        _write_json(os.path.join(directory, DESC_NAME), snapshot.vmdesc, snapshot.fd, overwrite)
+        _write_json(os.path.join(directory, STATE_NAME), state, snapshot.fd, overwrite)
         summary["desc"], summary["state"] = DESC_NAME, STATE_NAME
     _write_json(os.path.join(directory, MAP_NAME), summary, snapshot.fd, overwrite)
     return summary
+
+
+def _blocks_in_one_pass(
+    snapshot: ForwardSnapshot,
+    paths: Mapping[str, str],
+    overwrite: bool,
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, Any] | None:
+    """Every block file of a compressed image, each page written as its record passes;
+    returns state.json's content (None: no description). The state is decoded before
+    the block files appear, so that a refusal (more device state than the pass keeps)
+    leaves none of them."""
+    with ExitStack() as files:
+        writers = {}
+        for name, path in paths.items():
+            fd = files.enter_context(output_file(path, overwrite=overwrite, source_fd=snapshot.fd))
+            os.ftruncate(fd, snapshot.block(name).used_length)
+            writers[name] = FileWriter(fd, {name: 0}, writeback=Writeback(fd))
+        snapshot.consume(PerBlock(writers), progress)
+        for writer in writers.values():
+            writer.flush()
+        return states_info(snapshot) if snapshot.vmdesc is not None else None
 
 
 def _write_json(path: str, value: Mapping[str, Any], source_fd: int, overwrite: bool) -> None:

@@ -9,19 +9,25 @@ convert), and each block keeps one bit per page (``PageBits``: which pages hold 
 so memory follows a bitmap of the guest, never the guest.
 
 What works forward only: the metadata (dump: blocks, populated pages, sections, the
-VM description), verify and its hashes, extract, restore, convert. Reading a page by
-number, a block's extents or raw file bytes needs random access and raises FormatError
-naming what to use instead. A second pass over the data needs the image opened again.
+VM description), verify and its hashes, extract, restore, convert, and the device state
+(dump --state, extract --all, export-elf's CPU notes). Reading a page by number, a
+block's extents or other file bytes needs random access and raises FormatError naming
+what to use instead. A second pass over the data needs the image opened again.
 Device sections are delimited by their footers (the description that sizes them comes
-after them), and kept in memory (at most DEVICE_STATE_LIMIT) for convert.
+after them). A compressed image's configuration and non-RAM sections cannot be read
+again, so their bytes are kept as they pass (``KeptBytes``): a few hundred KiB for a pc
+guest, at most DEVICE_STATE_LIMIT in all. A section past that is dropped, and reading it
+(decoding it, converting the image) is refused with one line naming its offset; the
+walk itself, and with it dump and verify, goes on.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol, TypeVar
 
 import numpy as np
 
@@ -43,11 +49,12 @@ from .source import UNKNOWN_SIZE, Cursor, Source
 from .vmdesc import VMDESC_SEARCH_LIMIT, device_payload_size, load_vmdesc
 from .walker import StreamWalker
 
-__all__ = ["ForwardSnapshot", "PageConsumer"]
+__all__ = ["ForwardSnapshot", "KeptBytes", "PageConsumer", "PerBlock"]
 
-DEVICE_STATE_LIMIT = 256 << 20  # bytes of one non-RAM section kept for convert
+DEVICE_STATE_LIMIT = 64 << 20  # bytes of the configuration and non-RAM sections kept, in all
 _RAM_NAME = RAM_IDSTR.encode()
 _WORD = S.RamWord.sizeof()  # the RAM word in front of each record
+_T = TypeVar("_T")
 
 
 class PageConsumer(Protocol):
@@ -231,13 +238,58 @@ class _ForwardRamReader(StreamRamSectionReader):
         return block
 
 
-class _ForwardWalker(StreamWalker):
-    """The walker over a decompressed stream: keeps the bytes of non-RAM sections (they
-    cannot be read again) and reads the VM description forward after EOF."""
+class KeptBytes:
+    """The stream's bytes a forward pass keeps (the configuration, the non-RAM sections),
+    each element whole, at most ``limit`` bytes in all. An element that does not fit in
+    what is left is dropped: reading it says so, naming its offset."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0  # bytes kept
+        self._starts: list[int] = []  # in stream order
+        self._parts: list[tuple[int, bytearray | None]] = []  # (end, bytes or None: dropped)
+
+    @property
+    def room(self) -> int:
+        return self.limit - self.size
+
+    def record(self, cursor: Cursor, start: int, walk: Callable[[], _T]) -> _T:
+        """Keep the bytes from ``start`` to where ``walk`` leaves ``cursor``; what it returns."""
+        cursor.record_from(start, self.room)
+        result = walk()
+        data = cursor.recorded(cursor.pos)
+        self._starts.append(start)
+        self._parts.append((cursor.pos, data))
+        self.size += len(data or b"")
+        return result
+
+    def get(self, offset: int, length: int) -> bytes | None:
+        """``length`` bytes from ``offset`` if one kept element holds them (None if none
+        does); FormatError if the element that holds them was dropped."""
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if i < 0:
+            return None
+        start, (end, data) = self._starts[i], self._parts[i]
+        if offset + length > end:
+            return None
+        if data is None:
+            raise FormatError(
+                start,
+                f"at most {self.limit} bytes of device state (what one forward pass keeps of the "
+                "configuration and non-RAM sections)",
+                "more with the section here",
+            )
+        return bytes(memoryview(data)[offset - start : offset - start + length])
+
+
+class _ForwardWalker(StreamWalker):
+    """The walker over a classic stream read once: keeps the bytes of non-RAM sections
+    in ``kept`` (a decompressed stream cannot be read again; None: a file that can) and
+    reads the VM description forward after EOF."""
+
+    def __init__(self, *args: Any, kept: KeptBytes | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.kept: dict[int, bytes | None] = {}  # section offset -> its bytes (None: too big)
+        self.kept = kept
         self.vmdesc: tuple[int, bytes] | None = None  # (offset of the 0x06 byte, JSON)
 
     def _full_section(self, off: int, kind: SectionType) -> None:
@@ -252,12 +304,10 @@ class _ForwardWalker(StreamWalker):
         self._keeping(off, kind, section_id == self.ram_section_id, super()._part_section)
 
     def _keeping(self, off: int, kind: SectionType, ram: bool, walk: Any) -> None:
-        if ram:
+        if ram or self.kept is None:
             walk(off, kind)
-            return
-        self.cursor.record_from(off)
-        walk(off, kind)
-        self.kept[off] = self.cursor.recorded(self.cursor.pos)
+        else:
+            self.kept.record(self.cursor, off, lambda: walk(off, kind))
 
     def _eof(self, off: int, kind: SectionType) -> None:
         cursor = self.cursor
@@ -317,7 +367,9 @@ class _Passed:
 class ForwardSnapshot(Snapshot):
     """A classic stream read once from front to back: a compressed libvirt image (see
     the module), or an uncompressed file that convert reads without a page index.
-    ``offset``: where an uncompressed file's stream starts (as for ``open``)."""
+    ``offset``: where an uncompressed file's stream starts (as for ``open``).
+    ``device_state_limit``: the bytes of a compressed image's configuration and non-RAM
+    sections its pass keeps, in all (``KeptBytes``); an uncompressed file keeps none."""
 
     one_pass = True
 
@@ -332,7 +384,7 @@ class ForwardSnapshot(Snapshot):
     ) -> None:
         self._src = Source(path)
         self._stream = None
-        self.device_state_limit = device_state_limit
+        self._kept: KeptBytes | None = None  # a decompressed stream's: it cannot be read again
         try:
             self.path: str = self._src.path
             self.size: int = self._src.size
@@ -344,10 +396,11 @@ class ForwardSnapshot(Snapshot):
                 from .compression import Decompressed  # noqa: PLC0415 - only compressed images need it
 
                 self._stream = Decompressed(self._src.fd, header.stream_start, self.size, compressor, progress)
-                cursor = Cursor(self._stream.fetch, UNKNOWN_SIZE, header.stream_start, device_state_limit)
-                self.prologue = read_stream_prologue(cursor, header, cut)
+                cursor = Cursor(self._stream.fetch, UNKNOWN_SIZE, header.stream_start)
+                self._kept = KeptBytes(device_state_limit)  # from the QEVM header: the configuration
+                self.prologue = self._kept.record(cursor, cursor.pos, lambda: read_stream_prologue(cursor, header, cut))
             else:
-                cursor = Cursor(_reporting(self._src, progress), self.size, offset or 0, device_state_limit)
+                cursor = Cursor(_reporting(self._src, progress), self.size, offset or 0)
                 self.prologue = read_prologue(cursor, explicit_start=offset is not None)
             self.problems += self.prologue.problems
             self.policy = policy_for(self.capabilities)
@@ -376,7 +429,9 @@ class ForwardSnapshot(Snapshot):
                 self.problems,
                 ignore_shared=self.ignore_shared,
             )
-            self._walker = _ForwardWalker(cursor, self._ram, self.problems, vmdesc=lambda: None, vmdesc_offset=None)
+            self._walker = _ForwardWalker(
+                cursor, self._ram, self.problems, kept=self._kept, vmdesc=lambda: None, vmdesc_offset=None
+            )
             self._walker.walk(until_ram_start=True)
         except BaseException:
             self.close()
@@ -470,16 +525,15 @@ class ForwardSnapshot(Snapshot):
         self.walk_all()
 
     def read_bytes(self, offset: int, length: int) -> bytes:
-        """The bytes of a non-RAM section (kept as it passed); nothing else."""
+        """Bytes of the configuration or a non-RAM section of a compressed image (kept as
+        they passed: this walks the stream), or any bytes of an uncompressed file."""
+        if self._kept is None:
+            return super().read_bytes(offset, length)
         self.walk_all()
-        if offset in self._walker.kept:
-            data = self._walker.kept[offset]
-            if data is None:
-                limit = self.device_state_limit
-                raise FormatError(offset, f"a device section under {limit} bytes to carry over", "a longer one")
-            if len(data) == length:
-                return data
-        raise self.forward_only(f"file bytes at {offset:#x}")
+        data = self._kept.get(offset, length)
+        if data is None:
+            raise self.forward_only(f"file bytes at {offset:#x}")
+        return data
 
     def restore_into(
         self,
@@ -602,6 +656,26 @@ class FileWriter:
 
 
 IOV_MAX = 1024  # buffers one pwritev takes (Linux)
+
+
+class PerBlock:
+    """Each block's pages to its own consumer (extract --all: a file per block); the
+    pages of blocks without one are dropped."""
+
+    def __init__(self, consumers: Mapping[str, PageConsumer]) -> None:
+        self.consumers = consumers
+
+    def page(self, block: RamBlock, page: int, data: memoryview) -> None:
+        if (consumer := self.consumers.get(block.name)) is not None:
+            consumer.page(block, page, data)
+
+    def zero(self, block: RamBlock, page: int) -> None:
+        if (consumer := self.consumers.get(block.name)) is not None:
+            consumer.zero(block, page)
+
+    def run(self, block: RamBlock, pages: np.ndarray, rows: np.ndarray) -> None:
+        if (consumer := self.consumers.get(block.name)) is not None:
+            consumer.run(block, pages, rows)
 
 
 def extract_forward(

@@ -25,8 +25,9 @@ from typing import Callable, Mapping
 from ..errors import FormatError
 from ..formats.x86 import ADDRESS_END, BIOS, FOUR_GIB, MAIN_RAM, VGA_WINDOW, address_problem, below_4g, below_4g_problem
 from .blocks import RamBlock, not_in_file
+from .channels import pwrite_all
 from .copy_plan import GAP, copy_plan, copy_range
-from .cpunotes import cpu_notes
+from .cpunotes import CoreNotes, cpu_notes
 from .forward import ForwardSnapshot, copy_regions_forward
 from .output import output_file
 from .snapshot import Snapshot
@@ -209,6 +210,33 @@ def _block_bytes(block: RamBlock, offset: int, size: int) -> bytes:
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _PHDR = struct.Struct("<IIQQQQQQ")
 PT_LOAD, PT_NOTE, ET_CORE, EM_X86_64, PF_RWX = 1, 4, 4, 62, 7
+SEGMENT_ALIGN = 4096
+
+
+def _align(n: int) -> int:
+    return -(-n // SEGMENT_ALIGN) * SEGMENT_ALIGN
+
+
+def _segments(regions: list[Region], data_start: int) -> tuple[list[int], int]:
+    """Each region's file offset, segments aligned from ``data_start``; and the file's size."""
+    offsets, pos = [], _align(data_start)
+    for region in regions:
+        offsets.append(pos)
+        pos += _align(region.size)
+    return offsets, pos
+
+
+def _headers(regions: list[Region], offsets: list[int], notes: CoreNotes | None, notes_at: int) -> bytes:
+    """The ELF header and program headers (the PT_NOTE first, its payload at ``notes_at``)."""
+    phnum = len(regions) + (notes is not None)
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)  # 64-bit, little-endian, SysV
+    machine = notes.machine if notes else EM_X86_64
+    header = _EHDR.pack(ident, ET_CORE, machine, 1, 0, _EHDR.size, 0, 0, _EHDR.size, _PHDR.size, phnum, 0, 0, 0)
+    if notes:
+        header += _PHDR.pack(PT_NOTE, 0, notes_at, 0, 0, len(notes.data), len(notes.data), 0)
+    for region, off in zip(regions, offsets):
+        header += _PHDR.pack(PT_LOAD, PF_RWX, off, 0, region.start, region.size, region.size, 0)
+    return header
 
 
 def export_elf(
@@ -223,44 +251,61 @@ def export_elf(
     regions = view.regions
     if not regions:
         raise FormatError(0, "RAM blocks to export", "none")
-    # a compressed image's registers come after its pages: its one pass writes no notes
-    notes = None if isinstance(view.snapshot, ForwardSnapshot) else cpu_notes(view.snapshot)
-    phnum = len(regions) + (notes is not None)
-    notes_at = _EHDR.size + _PHDR.size * phnum
-    data_start = notes_at + (len(notes.data) if notes else 0)
-    offsets, pos = [], -(-data_start // 4096) * 4096
-    for region in regions:
-        offsets.append(pos)
-        pos += -(-region.size // 4096) * 4096
-    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)  # 64-bit, little-endian, SysV
-    machine = notes.machine if notes else EM_X86_64
-    header = _EHDR.pack(ident, ET_CORE, machine, 1, 0, _EHDR.size, 0, 0, _EHDR.size, _PHDR.size, phnum, 0, 0, 0)
-    if notes:
-        header += _PHDR.pack(PT_NOTE, 0, notes_at, 0, 0, len(notes.data), len(notes.data), 0)
-    for region, off in zip(regions, offsets):
-        header += _PHDR.pack(PT_LOAD, PF_RWX, off, 0, region.start, region.size, region.size, 0)
-    if notes:
-        header += notes.data
+    snap = view.snapshot
+    if isinstance(snap, ForwardSnapshot):
+        return _export_forward(snap, regions, out_path, overwrite, progress)
+    notes = cpu_notes(snap)
+    notes_at = _EHDR.size + _PHDR.size * (len(regions) + (notes is not None))
+    offsets, size = _segments(regions, notes_at + (len(notes.data) if notes else 0))
+    header = _headers(regions, offsets, notes, notes_at) + (notes.data if notes else b"")
     copied = 0
-    with output_file(out_path, overwrite=overwrite, source_fd=view.snapshot.fd) as fd:
-        os.ftruncate(fd, pos)
+    with output_file(out_path, overwrite=overwrite, source_fd=snap.fd) as fd:
+        os.ftruncate(fd, size)
         os.pwrite(fd, header, 0)
         total = sum(r.size for r in regions)
-        if isinstance(view.snapshot, ForwardSnapshot):  # one pass places every page
-            return copy_regions_forward(view.snapshot, fd, list(zip(regions, offsets)), progress)
         done = 0
         for region, off in zip(regions, offsets):
-            block = view.snapshot.block(region.block)
+            block = snap.block(region.block)
             plan = copy_plan(block.extent_arrays(), block.page_size, region.offset, region.offset + region.size)
             for steps in plan:
                 for dest, length, src in steps:
                     if src == GAP:
                         continue  # a hole of the sparse segment
-                    copy_range(view.snapshot.fd, fd, src, off + dest - region.offset, length)
+                    copy_range(snap.fd, fd, src, off + dest - region.offset, length)
                     copied += length
                     if progress:
                         progress(done + dest + length - region.offset, total)
             done += region.size
             if progress:
                 progress(done, total)
+    return copied
+
+
+def _export_forward(
+    snap: ForwardSnapshot,
+    regions: list[Region],
+    out_path: str | os.PathLike[str],
+    overwrite: bool,
+    progress: Callable[[int, int], None] | None,
+) -> int:
+    """export-elf in a compressed image's one pass. The registers are in device sections
+    after the pages, so the notes' length is known only at the end, when every segment is
+    written: the segments are placed as if the notes were empty, leaving the room up to
+    the first segment's alignment (a page, less the headers) for them, and the headers
+    and notes are written last. Notes that fit there (up to 4 long-mode or 6 i386 vCPUs
+    beside a pc guest's 4 segments) give the very file the uncompressed image gives;
+    longer ones go after the last segment, where a PT_NOTE may equally point."""
+    notes_at = _EHDR.size + _PHDR.size * (len(regions) + 1)
+    offsets, size = _segments(regions, notes_at)
+    with output_file(out_path, overwrite=overwrite, source_fd=snap.fd) as fd:
+        os.ftruncate(fd, size)
+        copied = copy_regions_forward(snap, fd, list(zip(regions, offsets)), progress)
+        notes = cpu_notes(snap)  # from the sections the pass has kept
+        if notes is None:
+            pwrite_all(fd, memoryview(_headers(regions, offsets, None, 0)), 0)
+            return copied
+        if notes_at + len(notes.data) > offsets[0]:
+            notes_at = size
+        pwrite_all(fd, memoryview(notes.data), notes_at)
+        pwrite_all(fd, memoryview(_headers(regions, offsets, notes, notes_at)), 0)
     return copied

@@ -133,15 +133,15 @@ class Cursor:
     forward-only source cannot read them again).
     """
 
-    def __init__(self, fetch: Fetch, size: int, pos: int, record_limit: int = 0) -> None:
+    def __init__(self, fetch: Fetch, size: int, pos: int) -> None:
         self._fetch = fetch
         self.size = size
         self.pos = pos
         self._buf = b""
         self._base = pos
         self._view = memoryview(self._buf)
-        self._record_limit = record_limit
-        self._recording: list[bytes] | None = None
+        self._record_limit = 0
+        self._recording: bytearray | None = None  # grown in place: no second copy to join
         self._record_at = 0  # the first byte not yet in _recording
         self._record_size = 0
 
@@ -177,19 +177,20 @@ class Cursor:
             at = 0
         return self._view[at : at + length]
 
-    def record_from(self, pos: int) -> None:
-        """Keep the bytes from ``pos`` (in the window) on, until ``recorded``."""
+    def record_from(self, pos: int, limit: int) -> None:
+        """Keep the bytes from ``pos`` (in the window) on, until ``recorded``; at most
+        ``limit`` of them."""
         if not self._base <= pos <= self._base + len(self._buf):
             raise ValueError("recording starts inside the window")
-        self._recording, self._record_at, self._record_size = [], pos, 0
+        self._recording, self._record_at, self._record_size, self._record_limit = bytearray(), pos, 0, limit
 
-    def recorded(self, end: int) -> bytes | None:
+    def recorded(self, end: int) -> bytearray | None:
         """The bytes from ``record_from``'s offset to ``end`` (passed by now), or None when
-        they were more than the cursor's ``record_limit``; stops recording."""
+        they were more than its ``limit``; stops recording."""
         buf, base = self._buf, self._base
         self._keep(buf[self._record_at - base : end - base])
         kept, self._recording = self._recording, None
-        return None if kept is None or self._record_size > self._record_limit else b"".join(kept)
+        return None if kept is None or self._record_size > self._record_limit else kept
 
     def _keep(self, data: bytes | None) -> None:
         if self._recording is None:
@@ -198,7 +199,7 @@ class Cursor:
             self._record_size = self._record_limit + 1  # over the limit, or bytes skipped unread
             self._recording.clear()
             return
-        self._recording.append(data)
+        self._recording += data
         self._record_size += len(data)
 
     def require(self, length: int, what: str) -> None:

@@ -82,12 +82,14 @@ def verify(
 
     ``hash_blocks``: each block's sparse digest, and its sha256 where its clear pages are
     at most ``zero_budget`` plus ZERO_FACTOR times its page data (``hash_zeros``: always).
+    ``progress(done, total)``: the bytes hashed; for a compressed image, the compressed
+    bytes its one pass has read (with or without hashes).
 
     OSError (a missing or unreadable file) is left to the caller.
     """
     report = Report(os.fspath(path))
     try:
-        snap = open_image(path, progress=progress if hash_blocks else None, **open_args)
+        snap = open_image(path, progress=progress, **open_args)  # a compressed image's one pass
     except FormatError as err:
         report.problems.append(Problem(err.offset, _expected(err)))
         return report
