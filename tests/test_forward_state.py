@@ -33,6 +33,7 @@ from mappedram.cli import main
 from mappedram.formats.constants import SectionType
 from mappedram.mapper.devstate import all_device_states, configuration_state
 from mappedram.mapper.encoder import StreamEncoder
+from mappedram.mapper.devstate import MAX_PAYLOAD
 from mappedram.mapper.forward import DEVICE_STATE_LIMIT, ForwardSnapshot
 
 LEGACY = "pc64-d-paused-legacy.bin"  # QEMU's classic stream of a paused pc guest
@@ -332,30 +333,31 @@ def test_undecodable_cpu_section_is_one_line_and_no_core(tmp_path, capsys):
 
 
 # -- the cap on what the pass keeps -----------------------------------------------------------
-BIG = 40 << 20  # two device sections of this size: more than DEVICE_STATE_LIMIT together
+BIG = MAX_PAYLOAD - (4 << 20)  # device sections of this size, each one decoded (devstate's bound)
+COUNT = DEVICE_STATE_LIMIT // BIG + 1  # this many of them: more than DEVICE_STATE_LIMIT together
 
 
 def _big_state(stream: bytes) -> tuple[bytes, int]:
-    """The legacy stream with two 40 MiB device sections (each one buffer field, in the
-    description too) before QEMU's first device section; and the second one's offset."""
+    """The legacy stream with COUNT device sections of BIG bytes (each one buffer field, in
+    the description too) before QEMU's first device section; and the last one's offset."""
     with mappedram.open(fixture_file(LEGACY)) as snap:
         first = snap.devices[0]
         vmdesc, eof = copy.deepcopy(snap.vmdesc), snap.eof_offset
         top = max(s.section_id for s in snap.sections if s.section_id is not None)
     enc = StreamEncoder(4096)
-    big, entries = b"", []
-    for i in (1, 2):
+    pieces, entries = [], []
+    for i in range(1, COUNT + 1):
         sid = top + i
-        big += enc.section_full(SectionType.SECTION_FULL, sid, f"big{i}", 0, 1) + bytes(BIG) + enc.footer(sid)
+        pieces.append(enc.section_full(SectionType.SECTION_FULL, sid, f"big{i}", 0, 1) + bytes(BIG) + enc.footer(sid))
         entries.append({"name": f"big{i}", "instance_id": 0, "vmsd_name": "big", "version": 1,
                         "fields": [{"name": "data", "type": "buffer", "size": BIG}]})  # fmt: skip
     vmdesc["devices"][0:0] = entries
-    second = first.offset + len(big) // 2
-    return stream[: first.offset] + big + stream[first.offset : eof] + enc.eof(vmdesc), second
+    last = first.offset + sum(map(len, pieces[:-1]))
+    return stream[: first.offset] + b"".join(pieces) + stream[first.offset : eof] + enc.eof(vmdesc), last
 
 
 def test_more_device_state_than_the_cap_is_one_line(tmp_path, capsys):
-    assert 2 * BIG > DEVICE_STATE_LIMIT == 64 << 20 > BIG
+    assert COUNT * BIG > DEVICE_STATE_LIMIT >= (COUNT - 1) * BIG
     stream, second = _big_state(fixture_file(LEGACY).read_bytes())
     image = write_image(tmp_path / "big.sav", "zstd", stream)
     at = len(libvirt_header("zstd")) + second

@@ -51,7 +51,8 @@ from .walker import StreamWalker
 
 __all__ = ["ForwardSnapshot", "KeptBytes", "PageConsumer", "PerBlock"]
 
-DEVICE_STATE_LIMIT = 64 << 20  # bytes of the configuration and non-RAM sections kept, in all
+DEVICE_STATE_LIMIT = 256 << 20  # bytes of the configuration and non-RAM sections kept, in all (the
+# bound one section had before: a big VFIO device state still converts)
 _RAM_NAME = RAM_IDSTR.encode()
 _WORD = S.RamWord.sizeof()  # the RAM word in front of each record
 _T = TypeVar("_T")
