@@ -507,6 +507,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             overwrite=args.force,
             progress=bar,
             compress=args.compress,
+            channels=args.channels,
             **cli_args.open_args(args),
         )
     except ValueError as err:
