@@ -45,7 +45,7 @@ PIECE_BYTES = 1 << 20  # the most read at a time when streaming a block's pages 
 COPY_RANGE_BYTES = 1 << 20  # extents at least this long are copied kernel-side
 COPY_PIECE_BYTES = 4 << 20  # a long extent goes to the channels in pieces of this
 ITEM_BYTES = 1 << 20  # page data of one channel item at most (FileWriter's batch: the cursor's window)
-IN_FLIGHT_BYTES = 32 << 20  # page data queued or being written by the channels at most
+IN_FLIGHT_BYTES = 16 << 20  # page data queued or being written by the channels at most
 DEFAULT_CHANNELS = 4
 MAPPED_RAM_CAP = MODE_CAPABILITIES[Mode.MAPPED_RAM]  # the capability a mapped-ram output announces
 
@@ -106,8 +106,9 @@ class _MappedRamOutput:
                 assert place is not None
                 self.places[block.name] = place
             self.round_end = comp.round_end()
-        except BaseException:
+        except BaseException as err:
             self.out.abort()
+            reraise_naming(err, self.out.path)
             raise
 
     def finish(self) -> None:
@@ -142,25 +143,38 @@ class _SlotWriter:
     ``item_bytes`` (IN_FLIGHT_BYTES shared out; a forward source's items are views of the
     cursor's windows, kept alive only while queued)."""
 
-    def __init__(self, path: str, count: int, writeback: Writeback, page_size: int) -> None:
+    def __init__(
+        self, path: str, count: int, writeback: Writeback, page_size: int, hook: ChannelHook | None = None
+    ) -> None:
         check_count(count)
         depth = max(2, count)
-        self.item_bytes = max(page_size, min(ITEM_BYTES, IN_FLIGHT_BYTES // (depth + count + 1)) // page_size * page_size)
+        share = IN_FLIGHT_BYTES // (depth + count + 1)
+        self.item_bytes = max(page_size, min(ITEM_BYTES, share) // page_size * page_size)
         self.writeback = writeback
+        self._hook = hook
         self._high = 0  # end of the highest write handed over since the last sync
-        self.pool: Channels[_Item] = Channels(path, count, os.O_WRONLY, _write_item, "convert", depth)
+        self.pool: Channels[_Item] = Channels(path, count, os.O_WRONLY, self._write, "convert", depth)
 
-    def submit(self, at: int, nbytes: int, item: _Item) -> None:
+    def submit(self, at: int, nbytes: int, work: Callable[..., None], *args: Any) -> None:
+        """Have a channel run ``work(its fd, *args)``, which writes ``nbytes`` of the output
+        from ``at`` (and nothing outside them)."""
         if at < self._high:
             self.pool.sync()
             self._high = 0
         self._high = max(self._high, at + nbytes)
-        self.pool.submit(item)
+        self.pool.submit([at, nbytes, work, args])
         self.writeback.wrote(nbytes)
+
+    def _write(self, fd: int, item: _Item) -> None:
+        at, nbytes, work, args = item
+        item.clear()  # an idle channel keeps its last item: not the source's buffers with it
+        if self._hook is not None:
+            self._hook(at, nbytes)
+        work(fd, *args)
 
     def put(self, at: int, parts: list[Any]) -> None:
         """FileWriter's ``put``: ``parts`` written one after the other from ``at``."""
-        self.submit(at, sum(memoryview(p).nbytes for p in parts), (_put_parts, at, parts))
+        self.submit(at, sum(memoryview(p).nbytes for p in parts), _put_parts, at, parts)
 
     def finish(self) -> None:
         """Wait for every write (a channel's error is raised here)."""
@@ -170,11 +184,10 @@ class _SlotWriter:
         self.pool.close()
 
 
-_Item = tuple[Any, ...]  # (what the channel runs, its arguments after the channel's fd)
-
-
-def _write_item(fd: int, item: _Item) -> None:
-    item[0](fd, *item[1:])
+_Item = list[Any]  # output offset, bytes, the work, its arguments
+# (output offset, bytes): called in the channel thread before each write; tests use it to
+# delay a write or make it fail.
+ChannelHook = Callable[[int, int], None]
 
 
 def _put_parts(fd: int, at: int, parts: list[Any]) -> None:
@@ -210,7 +223,7 @@ def _copy_block(block: RamBlock, place: BlockPlace, slots: _SlotWriter) -> Itera
                 length = int(counts[i]) * ps
                 for k in range(0, length, COPY_PIECE_BYTES):
                     piece = min(COPY_PIECE_BYTES, length - k)
-                    slots.submit(dst_at + k, piece, (_copy_pieces, block.fd, src_at + k, dst_at + k, piece))
+                    slots.submit(dst_at + k, piece, _copy_pieces, block.fd, src_at + k, dst_at + k, piece)
                     yield piece
                 i += 1
                 continue
@@ -230,7 +243,7 @@ def _copy_block(block: RamBlock, place: BlockPlace, slots: _SlotWriter) -> Itera
             length = int(ends[j - 1]) - lo
             first_at = min(at for _, _, at in runs)
             last_end = max(at + nbytes for _, nbytes, at in runs)
-            slots.submit(first_at, last_end - first_at, (_read_and_place, block.fd, lo, length, runs, block.name))
+            slots.submit(first_at, last_end - first_at, _read_and_place, block.fd, lo, length, runs, block.name)
             yield int(counts[i:j].sum()) * ps
             i = j
 
@@ -243,10 +256,11 @@ def to_mapped_ram(
     progress: Progress | None = None,
     layout: BitmapLayout = LITTLE_ENDIAN_64,
     channels: int = DEFAULT_CHANNELS,
+    channel_hook: ChannelHook | None = None,
 ) -> None:
     """Rewrite ``src`` (either kind) as a QEMU 10 mapped-ram file, streaming its pages
-    into their slots through ``channels`` writer threads. A libvirt input gives a sparse
-    libvirt image."""
+    into their slots through ``channels`` writer threads (see _SlotWriter). A libvirt
+    input gives a sparse libvirt image."""
     check_count(channels)
     _check_page_sizes(src)
     for block in src:  # the output reserves every block's RAM, for a QEMU to restore
@@ -256,7 +270,7 @@ def to_mapped_ram(
             raise OSError(errno.ENOMEM, f"{err}; not converted", src.path) from None
     out = _MappedRamOutput(src, out_path, libvirt_prefix(src, "sparse"), overwrite, layout)
     try:
-        slots = _SlotWriter(out.out.temp_path, channels, Writeback(out.fd), src.page_size)
+        slots = _SlotWriter(out.out.temp_path, channels, Writeback(out.fd), src.page_size, channel_hook)
         try:
             if isinstance(src, ForwardSnapshot):
                 bases = {name: place.pages_offset for name, place in out.places.items()}
