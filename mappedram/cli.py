@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--channels",
         type=cli_args.channels,
         default=4,
-        help=f"1 to {MAX_CHANNELS}, accepted for scripts: convert streams its pages in one pass",
+        help=f"1 to {MAX_CHANNELS} threads that write the pages of a mapped-ram OUT (default: %(default)s); "
+        "--to stream writes in order and uses none",
     )
     conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
     conv.add_argument(

@@ -9,6 +9,7 @@ import errno
 import filecmp
 import os
 import resource
+import signal
 import subprocess
 import sys
 import textwrap
@@ -227,7 +228,9 @@ def test_a_file_size_limit_is_one_line_and_exit_2(kind, limit, tmp_path):
     out = tmp_path / "out.sav"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     argv = ["convert", str(src), str(out), "--to", "mapped-ram", "--channels", "4"]
-    proc = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(limit), *argv], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMIT, str(limit), *argv], capture_output=True, text=True, env=env
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == f"mappedram: {out}: {os.strerror(errno.EFBIG)}\n"
     assert proc.stdout == ""
@@ -288,3 +291,40 @@ def test_memory_with_the_most_channels_stays_bounded(tmp_path):
     for what in ("mapped-ram", "stream"):
         one, most = peaks[what, 1], peaks[what, MAX_CHANNELS]
         assert most < 100 << 10 and most < one + (40 << 10), (what, one, most)
+
+
+INTERRUPTED = textwrap.dedent(
+    r"""
+    import os, sys, time
+    import mappedram.mapper.convert as c
+    from mappedram.cli import main
+    real = c._put_parts
+    def slow(*args):  # a slow disk under the channels' writes of a forward pass
+        os.write(1, b"writing\n")
+        time.sleep(1)
+        real(*args)
+    c._put_parts = slow
+    sys.exit(main(["convert", sys.argv[1], sys.argv[2], "--to", "mapped-ram", "--channels", "3"]))
+    """
+)
+
+
+def test_ctrl_c_during_a_forward_pass_with_channels(tmp_path):
+    """The main thread is blocked handing over writes (the queue is full) when Ctrl-C
+    comes: exit 130 with one line, no output, no temporary file."""
+    src = fixture_file(FIXTURES["classic"])
+    out = tmp_path / "out.sav"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED, str(src), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout.readline() == "writing\n"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr == "mappedram: interrupted\n"
+    assert os.listdir(tmp_path) == []

@@ -2,11 +2,14 @@
 
 Both directions stream: the pages go from the source to the output in bounded pieces
 (a random-access source: its extents, copied kernel-side where the filesystem allows;
-a compressed libvirt image: its one forward pass, each page pwritten into its slot as
-its record passes), so memory follows neither the guest nor its populated pages. The
-mapped-ram output is laid out up front by the composer and formats/layout.py's
-``place_block`` (as the writer does), its bitmaps written from each block's pages in
-chunks at the end. The device sections, the machine type and the section ids are
+a classic stream or a compressed libvirt image: its one forward pass, each page handed
+to its slot as its record passes), so memory follows neither the guest nor its
+populated pages. The mapped-ram output is laid out up front by the composer and
+formats/layout.py's ``place_block`` (as the writer does), its slots written by channel
+threads as QEMU's multifd channels write them (``channels``; the main thread parses the
+source), its bitmaps written from each block's pages in chunks at the end. A stream
+output is written in order by the main thread (reading its pages ahead in channels
+measured slower here). The device sections, the machine type and the section ids are
 carried over byte for byte, so QEMU restores the output as it would the input.
 
 A libvirt header in the input is kept (domain XML, cookie, was_running and the data
@@ -468,8 +471,9 @@ def convert(
 ) -> None:
     """``to`` is "mapped-ram" or "stream"; ``compress`` only with "stream" (see to_stream).
     The output is made by mapper/output.py's rules (``overwrite``: replace an existing
-    file). ``channels`` (1 to 255): the threads that write a mapped-ram output's slots
-    (see to_mapped_ram)."""
+    file). ``channels`` (1 to 255, checked for either output): the threads that write a
+    mapped-ram output's slots (see _SlotWriter); a stream output is one sequence of
+    writes and does not use them."""
     mode = check_target(to, compress)
     check_count(channels)
     with _open_source(src_path, mode, progress, open_args) as src:
