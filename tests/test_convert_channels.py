@@ -328,3 +328,19 @@ def test_ctrl_c_during_a_forward_pass_with_channels(tmp_path):
     assert proc.returncode == 130, stderr
     assert stderr == "mappedram: interrupted\n"
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["mapped-ram", "classic"])
+def test_writeback_starts_every_32_mib_handed_to_the_channels(kind, tmp_path, monkeypatch):
+    """output.Writeback still has the disk start on the output once per WRITEBACK_BYTES
+    of pages, counted as the main thread hands them over."""
+    from mappedram.mapper import output
+
+    started: list[int] = []
+    monkeypatch.setattr(output, "sync_file_range", lambda: started.append)
+    src = fixture_file(FIXTURES[kind])
+    with mappedram.open(src) as snap:
+        page_bytes = sum(b.populated * b.page_size for b in snap)
+    mappedram.convert(src, tmp_path / "out.sav", "mapped-ram", channels=4)
+    assert page_bytes >= output.WRITEBACK_BYTES and len(started) == page_bytes // output.WRITEBACK_BYTES
+    assert all(isinstance(fd, int) for fd in started)
