@@ -132,6 +132,12 @@ class _MappedRamOutput:
         self.out.commit(last=(self.magic_at, QEVM_MAGIC))
 
 
+_Item = list[Any]  # output offset, bytes, the work, its arguments
+# (output offset, bytes): called in the channel thread before each write; tests use it to
+# delay a write or make it fail.
+ChannelHook = Callable[[int, int], None]
+
+
 class _SlotWriter:
     """The writes into a mapped-ram output's page slots, done by ``count`` channel threads
     (mapper/channels.py: one shared queue, each channel its own descriptor on the output),
@@ -185,12 +191,6 @@ class _SlotWriter:
 
     def close(self) -> None:
         self.pool.close()
-
-
-_Item = list[Any]  # output offset, bytes, the work, its arguments
-# (output offset, bytes): called in the channel thread before each write; tests use it to
-# delay a write or make it fail.
-ChannelHook = Callable[[int, int], None]
 
 
 def _put_parts(fd: int, at: int, parts: list[Any]) -> None:
