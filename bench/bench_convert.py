@@ -75,8 +75,9 @@ CONVERT = textwrap.dedent(
 )
 
 
-def child(script: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)
+def child(script: str, *args: str, package: str | None = None) -> dict:
+    env = None if package is None else dict(os.environ, PYTHONPATH=package)
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -96,9 +97,9 @@ def cp_fsync(src: str, dst: str) -> float:
     return seconds
 
 
-def ours(src: str, out: str, to: str, channels: int = 1, *extra: str) -> dict:
+def ours(src: str, out: str, to: str, channels: int = 1, *extra: str, package: str | None = None) -> dict:
     os.sync()  # no run pays for the writeback of another
-    result = child(CONVERT, src, out, to, str(channels), *extra)
+    result = child(CONVERT, src, out, to, str(channels), *extra, package=package)
     os.unlink(out)
     return result
 
@@ -115,10 +116,20 @@ def line(what: str, nbytes: int, mine: list[dict], base: list[float], base_name:
     )
 
 
-def channel_lines(what: str, nbytes: int, mine: dict[int, list[dict]], base: list[float], base_name: str) -> None:
-    one = min(r["seconds"] for r in mine[min(mine)])
+def channel_lines(what: str, nbytes: int, mine: dict, base: list[float], base_name: str) -> None:
+    """One line per channel count (and "before", another checkout's convert, if run)."""
+    one = min(r["seconds"] for r in mine[min(c for c in mine if isinstance(c, int))])
     for count, runs in mine.items():
-        line(f"{what}, {count} ch", nbytes, runs, base, base_name, one)
+        label = f"{count} ch" if isinstance(count, int) else "before"
+        line(f"{what}, {label}", nbytes, runs, base, base_name, one)
+
+
+def into_mapped_ram(src: str, out: str, count: int | str, before: str | None) -> dict:
+    """ours() into mapped-ram with ``count`` channels, or with the package in ``before``
+    for the count "before" (its default channels)."""
+    if count == "before":
+        return ours(src, out, "mapped-ram", 1, package=before)
+    return ours(src, out, "mapped-ram", int(count))
 
 
 def main() -> None:
@@ -128,8 +139,11 @@ def main() -> None:
     parser.add_argument("--small-gib", type=float, default=1)
     parser.add_argument("--big-gib", type=float, default=4)
     parser.add_argument("--channels", default="1,2,4", help="channel counts for the conversions into mapped-ram")
+    parser.add_argument(
+        "--before", metavar="DIR", help="also time the conversions into mapped-ram with the mappedram package in DIR"
+    )
     args = parser.parse_args()
-    counts = [int(c) for c in args.channels.split(",")]
+    counts: list = [int(c) for c in args.channels.split(",")] + (["before"] if args.before else [])
     work = tempfile.mkdtemp(prefix="bench-convert-", dir=args.dir)
     try:
         small, big = int(args.small_gib * (1 << 30)), int(args.big_gib * (1 << 30))
@@ -163,15 +177,15 @@ def main() -> None:
             for _ in range(args.runs):
                 a_base.append(timed("zstd", "-dc", "-q", j("small.zst"), stdout=null.fileno()))
                 for c in counts:
-                    a_ours[c].append(ours(j("small.zst.sav"), j("out.sav"), "mapped-ram", c))
+                    a_ours[c].append(into_mapped_ram(j("small.zst.sav"), j("out.sav"), c, args.before))
                 s_base.append(cp_fsync(j("big.stream"), j("copy")))
                 for c in counts:
-                    s_ours[c].append(ours(j("big.stream"), j("out.sav"), "mapped-ram", c))
+                    s_ours[c].append(into_mapped_ram(j("big.stream"), j("out.sav"), c, args.before))
                 m_base.append(cp_fsync(j("big.mr"), j("copy")))
                 m_ours.append(ours(j("big.mr"), j("out.sav"), "stream"))
                 r_base.append(cp_fsync(j("big.mr"), j("copy")))
                 for c in counts:
-                    r_ours[c].append(ours(j("big.mr"), j("out.sav"), "mapped-ram", c))
+                    r_ours[c].append(into_mapped_ram(j("big.mr"), j("out.sav"), c, args.before))
         print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         gib = f"{args.big_gib:g} GiB"
         channel_lines(f"(a) {args.small_gib:g} GiB zstd image -> sparse", small, a_ours, a_base, "zstd -dc >/dev/null")
