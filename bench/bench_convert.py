@@ -7,13 +7,19 @@ from a warm page cache; ours run in a fresh child process (its peak RSS from VmH
     beside ``zstd -dc`` of the same compressed bytes to /dev/null;
 (b) a 4 GiB guest converted stream -> mapped-ram and mapped-ram -> stream, beside
     ``cp --sparse=always`` of the same input file followed by ``sync FILE`` (fsync);
-    convert fsyncs its output too.
+    convert fsyncs its output too;
+(c) the same 4 GiB mapped-ram file rewritten as mapped-ram (a mapped-ram source's
+    extents read and copied into the output's slots), beside the same ``cp``.
+
+Every conversion into mapped-ram runs with each of ``--channels`` (1,2,4 by default:
+the channel threads that write the output's slots), interleaved in the same round as
+its baseline; the ratio between channel counts is the figure to read.
 
 The guests are dense (every page populated, none zero): each 4 KiB page holds 1 KiB
 of random bytes and 3 KiB of a word repeated (about 4:1 for zstd, like a guest's
 memory, and never a zero page).
 
-    python bench/bench_convert.py [--runs 3] [--dir DIR] [--small-gib 1] [--big-gib 4]
+    python bench/bench_convert.py [--runs 3] [--dir DIR] [--small-gib 1] [--big-gib 4] [--channels 1,2,4]
 """
 
 from __future__ import annotations
@@ -58,10 +64,10 @@ CONVERT = textwrap.dedent(
     """
     import json, sys, time
     import mappedram
-    src, out, to = sys.argv[1:4]
-    compress = sys.argv[4] if len(sys.argv) > 4 else None
+    src, out, to, channels = sys.argv[1:5]
+    compress = sys.argv[5] if len(sys.argv) > 5 else None
     t = time.perf_counter()
-    mappedram.convert(src, out, to, compress=compress)
+    mappedram.convert(src, out, to, compress=compress, channels=int(channels))
     seconds = time.perf_counter() - t
     hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
     print(json.dumps({"seconds": seconds, "rss_mib": int(hwm) / 1024}))
@@ -69,8 +75,9 @@ CONVERT = textwrap.dedent(
 )
 
 
-def child(script: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True)
+def child(script: str, *args: str, package: str | None = None) -> dict:
+    env = None if package is None else dict(os.environ, PYTHONPATH=package)
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -81,6 +88,7 @@ def timed(*argv: str, stdout: int | None = None) -> float:
 
 
 def cp_fsync(src: str, dst: str) -> float:
+    os.sync()
     t = time.perf_counter()
     subprocess.run(["cp", "--sparse=always", src, dst], check=True)
     subprocess.run(["sync", dst], check=True)
@@ -89,21 +97,39 @@ def cp_fsync(src: str, dst: str) -> float:
     return seconds
 
 
-def ours(src: str, out: str, to: str, *extra: str) -> dict:
-    result = child(CONVERT, src, out, to, *extra)
+def ours(src: str, out: str, to: str, channels: int = 1, *extra: str, package: str | None = None) -> dict:
+    os.sync()  # no run pays for the writeback of another
+    result = child(CONVERT, src, out, to, str(channels), *extra, package=package)
     os.unlink(out)
     return result
 
 
-def line(what: str, nbytes: int, mine: list[dict], base: list[float], base_name: str) -> None:
+def line(what: str, nbytes: int, mine: list[dict], base: list[float], base_name: str, one: float = 0.0) -> None:
     best = min(r["seconds"] for r in mine)
     rss = max(r["rss_mib"] for r in mine)
     ref = min(base)
     gib = nbytes / (1 << 30)
+    vs_one = f" | {one / best:4.2f}x 1 channel" if one else ""
     print(
-        f"{what:<34} {best:7.2f} s {gib / best:6.2f} GiB/s  peak RSS {rss:6.1f} MiB | "
-        f"{base_name}: {ref:6.2f} s {gib / ref:6.2f} GiB/s | ours {ref / best:4.2f}x its speed"
+        f"{what:<43} {best:7.2f} s {gib / best:6.2f} GiB/s  peak RSS {rss:6.1f} MiB | "
+        f"{base_name}: {ref:6.2f} s {gib / ref:6.2f} GiB/s | ours {ref / best:4.2f}x its speed{vs_one}"
     )
+
+
+def channel_lines(what: str, nbytes: int, mine: dict, base: list[float], base_name: str) -> None:
+    """One line per channel count (and "before", another checkout's convert, if run)."""
+    one = min(r["seconds"] for r in mine[min(c for c in mine if isinstance(c, int))])
+    for count, runs in mine.items():
+        label = f"{count} ch" if isinstance(count, int) else "before"
+        line(f"{what}, {label}", nbytes, runs, base, base_name, one)
+
+
+def into_mapped_ram(src: str, out: str, count: int | str, before: str | None) -> dict:
+    """ours() into mapped-ram with ``count`` channels, or with the package in ``before``
+    for the count "before" (its default channels)."""
+    if count == "before":
+        return ours(src, out, "mapped-ram", 1, package=before)
+    return ours(src, out, "mapped-ram", int(count))
 
 
 def main() -> None:
@@ -112,15 +138,20 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where the inputs go (needs about 4x --big-gib free)")
     parser.add_argument("--small-gib", type=float, default=1)
     parser.add_argument("--big-gib", type=float, default=4)
+    parser.add_argument("--channels", default="1,2,4", help="channel counts for the conversions into mapped-ram")
+    parser.add_argument(
+        "--before", metavar="DIR", help="also time the conversions into mapped-ram with the mappedram package in DIR"
+    )
     args = parser.parse_args()
+    counts: list = [int(c) for c in args.channels.split(",")] + (["before"] if args.before else [])
     work = tempfile.mkdtemp(prefix="bench-convert-", dir=args.dir)
     try:
         small, big = int(args.small_gib * (1 << 30)), int(args.big_gib * (1 << 30))
         j = lambda name: os.path.join(work, name)  # noqa: E731
-        print(f"building inputs in {work} ...", flush=True)
+        print(f"building inputs in {work} ... (load average {os.getloadavg()[0]:.2f})", flush=True)
         # (a) a libvirt zstd image: writer -> sparse image -> convert --compress zstd
         subprocess.run([sys.executable, "-c", MAKE, j("small.sparse"), str(small), "1"], check=True)
-        child(CONVERT, j("small.sparse"), j("small.zst.sav"), "stream", "zstd")
+        child(CONVERT, j("small.sparse"), j("small.zst.sav"), "stream", "1", "zstd")
         import mappedram  # noqa: PLC0415
 
         with mappedram.open(j("small.zst.sav")) as snap:
@@ -131,25 +162,36 @@ def main() -> None:
         os.unlink(j("small.sparse"))
         # (b) a 4 GiB guest, mapped-ram and classic
         subprocess.run([sys.executable, "-c", MAKE, j("big.mr"), str(big), "0"], check=True)
-        child(CONVERT, j("big.mr"), j("big.stream"), "stream")
+        child(CONVERT, j("big.mr"), j("big.stream"), "stream", "1")
         sizes = {n: os.path.getsize(j(n)) for n in ("small.zst", "big.mr", "big.stream")}
         print(
-            f"inputs: 1 GiB guest as zstd image {sizes['small.zst'] / (1 << 20):.0f} MiB; "
+            f"inputs: {args.small_gib:g} GiB guest as zstd image {sizes['small.zst'] / (1 << 20):.0f} MiB; "
             f"{args.big_gib:g} GiB guest as mapped-ram {sizes['big.mr'] / (1 << 30):.2f} GiB, "
             f"as a classic stream {sizes['big.stream'] / (1 << 30):.2f} GiB; best of {args.runs}, interleaved"
         )
-        a_ours, a_base, s_ours, s_base, m_ours, m_base = [], [], [], [], [], []
+        a_base, s_base, m_base, r_base, m_ours = [], [], [], [], []
+        a_ours: dict[int, list[dict]] = {c: [] for c in counts}
+        s_ours: dict[int, list[dict]] = {c: [] for c in counts}
+        r_ours: dict[int, list[dict]] = {c: [] for c in counts}
         with open(os.devnull, "wb") as null:
             for _ in range(args.runs):
                 a_base.append(timed("zstd", "-dc", "-q", j("small.zst"), stdout=null.fileno()))
-                a_ours.append(ours(j("small.zst.sav"), j("out.sav"), "mapped-ram"))
+                for c in counts:
+                    a_ours[c].append(into_mapped_ram(j("small.zst.sav"), j("out.sav"), c, args.before))
                 s_base.append(cp_fsync(j("big.stream"), j("copy")))
-                s_ours.append(ours(j("big.stream"), j("out.sav"), "mapped-ram"))
+                for c in counts:
+                    s_ours[c].append(into_mapped_ram(j("big.stream"), j("out.sav"), c, args.before))
                 m_base.append(cp_fsync(j("big.mr"), j("copy")))
                 m_ours.append(ours(j("big.mr"), j("out.sav"), "stream"))
-        line(f"(a) {args.small_gib:g} GiB zstd image -> sparse", small, a_ours, a_base, "zstd -dc >/dev/null")
-        line(f"(b) {args.big_gib:g} GiB stream -> mapped-ram", big, s_ours, s_base, "cp --sparse + fsync")
-        line(f"(b) {args.big_gib:g} GiB mapped-ram -> stream", big, m_ours, m_base, "cp --sparse + fsync")
+                r_base.append(cp_fsync(j("big.mr"), j("copy")))
+                for c in counts:
+                    r_ours[c].append(into_mapped_ram(j("big.mr"), j("out.sav"), c, args.before))
+        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        gib = f"{args.big_gib:g} GiB"
+        channel_lines(f"(a) {args.small_gib:g} GiB zstd image -> sparse", small, a_ours, a_base, "zstd -dc >/dev/null")
+        channel_lines(f"(b) {gib} stream -> mapped-ram", big, s_ours, s_base, "cp --sparse + fsync")
+        line(f"(b) {gib} mapped-ram -> stream", big, m_ours, m_base, "cp --sparse + fsync")
+        channel_lines(f"(c) {gib} mapped-ram -> mapped-ram", big, r_ours, r_base, "cp --sparse + fsync")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

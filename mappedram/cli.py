@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--channels",
         type=cli_args.channels,
         default=4,
-        help=f"1 to {MAX_CHANNELS}, accepted for scripts: convert streams its pages in one pass",
+        help=f"1 to {MAX_CHANNELS} threads that write the pages of a mapped-ram OUT (default: %(default)s); "
+        "--to stream writes in order and uses none",
     )
     conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
     conv.add_argument(
@@ -515,6 +516,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             overwrite=args.force,
             progress=bar,
             compress=args.compress,
+            channels=args.channels,
             **cli_args.open_args(args),
         )
     except ValueError as err:

@@ -2,11 +2,14 @@
 
 Both directions stream: the pages go from the source to the output in bounded pieces
 (a random-access source: its extents, copied kernel-side where the filesystem allows;
-a compressed libvirt image: its one forward pass, each page pwritten into its slot as
-its record passes), so memory follows neither the guest nor its populated pages. The
-mapped-ram output is laid out up front by the composer and formats/layout.py's
-``place_block`` (as the writer does), its bitmaps written from each block's pages in
-chunks at the end. The device sections, the machine type and the section ids are
+a classic stream or a compressed libvirt image: its one forward pass, each page handed
+to its slot as its record passes), so memory follows neither the guest nor its
+populated pages. The mapped-ram output is laid out up front by the composer and
+formats/layout.py's ``place_block`` (as the writer does), its slots written by channel
+threads as QEMU's multifd channels write them (``channels``; the main thread parses the
+source), its bitmaps written from each block's pages in chunks at the end. A stream
+output is written in order by the main thread (reading its pages ahead in channels
+measured slower here). The device sections, the machine type and the section ids are
 carried over byte for byte, so QEMU restores the output as it would the input.
 
 A libvirt header in the input is kept (domain XML, cookie, was_running and the data
@@ -32,17 +35,21 @@ from ..formats.constants import MAPPED_RAM_ALIGNMENT, QEVM_MAGIC, RamFlag
 from ..formats.layout import BlockPlace
 from ..formats.policy import COMPRESSED_FORMATS, MODE_CAPABILITIES, Mode
 from .blocks import RamBlock, check_claim, read_exact
-from .channels import pwrite_all
+from .channels import Channels, check_count, pwrite_all
 from .copy_plan import copy_range
 from .encoder import DeviceState, StreamComposer
 from .forward import IOV_MAX, FileWriter, ForwardSnapshot
 from .images import open_image
-from .output import OutputFile, Writeback, output_file
+from .output import OutputFile, Writeback, output_file, reraise_naming
 from .snapshot import Snapshot
 
 Progress = Callable[[int, int], None]
 PIECE_BYTES = 1 << 20  # the most read at a time when streaming a block's pages (cache-sized)
 COPY_RANGE_BYTES = 1 << 20  # extents at least this long are copied kernel-side
+COPY_PIECE_BYTES = 4 << 20  # a long extent goes to the channels in pieces of this
+ITEM_BYTES = 1 << 20  # page data of one channel item at most (FileWriter's batch: the cursor's window)
+IN_FLIGHT_BYTES = 16 << 20  # page data queued or being written by the channels at most
+DEFAULT_CHANNELS = 4
 MAPPED_RAM_CAP = MODE_CAPABILITIES[Mode.MAPPED_RAM]  # the capability a mapped-ram output announces
 
 
@@ -102,8 +109,9 @@ class _MappedRamOutput:
                 assert place is not None
                 self.places[block.name] = place
             self.round_end = comp.round_end()
-        except BaseException:
+        except BaseException as err:
             self.out.abort()
+            reraise_naming(err, self.out.path)
             raise
 
     def finish(self) -> None:
@@ -124,41 +132,121 @@ class _MappedRamOutput:
         self.out.commit(last=(self.magic_at, QEVM_MAGIC))
 
 
-def _copy_block(block: RamBlock, fd: int, place: BlockPlace) -> Iterator[int]:
-    """Copy ``block``'s stored pages into their slots; yields the bytes of each piece.
-    Long extents (a mapped-ram source) are copied kernel-side; short ones (a classic
-    stream's single pages, 8 bytes apart) are read PIECE_BYTES of source at a time and
-    written with one pwritev per run of consecutive slots."""
-    ps = block.page_size
+_Item = list[Any]  # output offset, bytes, the work, its arguments
+# (output offset, bytes): called in the channel thread before each write; tests use it to
+# delay a write or make it fail.
+ChannelHook = Callable[[int, int], None]
+
+
+class _SlotWriter:
+    """The writes into a mapped-ram output's page slots, done by ``count`` channel threads
+    (mapper/channels.py: one shared queue, each channel its own descriptor on the output),
+    as QEMU's multifd channels fill a mapped-ram file; the main thread parses the source
+    and hands the writes over. Writes between two syncs land in any order, so a write that
+    could overlap one still in flight (it starts below the highest byte handed over since
+    the last sync) waits for a sync first: a paused save's pages come in increasing order
+    and never wait, a stream that sends pages again (a live save's next round) syncs once
+    per pass back, as QEMU syncs its channels once per round.
+
+    Memory: at most ``depth`` items wait and ``count`` are being written, each of at most
+    ``item_bytes`` (IN_FLIGHT_BYTES shared out; a forward source's items are views of the
+    cursor's windows, kept alive only while queued)."""
+
+    def __init__(
+        self, path: str, count: int, writeback: Writeback, page_size: int, hook: ChannelHook | None = None
+    ) -> None:
+        check_count(count)
+        depth = max(2, count)
+        share = IN_FLIGHT_BYTES // (depth + count + 1)
+        self.item_bytes = max(page_size, min(ITEM_BYTES, share) // page_size * page_size)
+        self.writeback = writeback
+        self._hook = hook
+        self._high = 0  # end of the highest write handed over since the last sync
+        self.pool: Channels[_Item] = Channels(path, count, os.O_WRONLY, self._write, "convert", depth)
+
+    def submit(self, at: int, nbytes: int, work: Callable[..., None], *args: Any) -> None:
+        """Have a channel run ``work(its fd, *args)``, which writes ``nbytes`` of the output
+        from ``at`` (and nothing outside them)."""
+        if at < self._high:
+            self.pool.sync()
+            self._high = 0
+        self._high = max(self._high, at + nbytes)
+        self.pool.submit([at, nbytes, work, args])
+        self.writeback.wrote(nbytes)
+
+    def _write(self, fd: int, item: _Item) -> None:
+        at, nbytes, work, args = item
+        item.clear()  # an idle channel keeps its last item: not the source's buffers with it
+        if self._hook is not None:
+            self._hook(at, nbytes)
+        work(fd, *args)
+
+    def put(self, at: int, parts: list[Any]) -> None:
+        """FileWriter's ``put``: ``parts`` written one after the other from ``at``."""
+        self.submit(at, sum(memoryview(p).nbytes for p in parts), _put_parts, at, parts)
+
+    def finish(self) -> None:
+        """Wait for every write (a channel's error is raised here)."""
+        self.pool.sync()
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _put_parts(fd: int, at: int, parts: list[Any]) -> None:
+    pwrite_all(fd, FileWriter.gather(parts), at)
+
+
+def _copy_pieces(fd: int, src_fd: int, src_at: int, dst_at: int, length: int) -> None:
+    copy_range(src_fd, fd, src_at, dst_at, length)
+
+
+def _read_and_place(fd: int, src_fd: int, lo: int, length: int, runs: list[tuple[int, int, int]], name: str) -> None:
+    """Read ``length`` bytes of source from ``lo`` and write each run (offset in them,
+    bytes, output offset) at its slots."""
+    buf = memoryview(bytearray(length))
+    read_exact(src_fd, buf, lo, f"pages of {name!r}")
+    for start, nbytes, at in runs:
+        pwrite_all(fd, buf[start : start + nbytes], at)
+
+
+def _copy_block(block: RamBlock, place: BlockPlace, slots: _SlotWriter) -> Iterator[int]:
+    """Hand the copy of ``block``'s stored pages into their slots to the channels; yields
+    the bytes of each item. Long extents (a mapped-ram source) are copied kernel-side in
+    COPY_PIECE_BYTES pieces; short ones (scattered pages) are read ``item_bytes`` of
+    source at a time, each run of consecutive slots written with one pwrite."""
+    ps, span = block.page_size, slots.item_bytes
     for firsts, counts, offsets in block.extent_arrays():
         ends = offsets + counts * ps
         long = counts * ps >= COPY_RANGE_BYTES
         i, n = 0, len(firsts)
         while i < n:
             if long[i]:
+                src_at, dst_at = int(offsets[i]), place.page_offset(int(firsts[i]))
                 length = int(counts[i]) * ps
-                copy_range(block.fd, fd, int(offsets[i]), place.page_offset(int(firsts[i])), length)
-                yield length
+                for k in range(0, length, COPY_PIECE_BYTES):
+                    piece = min(COPY_PIECE_BYTES, length - k)
+                    slots.submit(dst_at + k, piece, _copy_pieces, block.fd, src_at + k, dst_at + k, piece)
+                    yield piece
                 i += 1
                 continue
             lo = int(offsets[i])
-            j = max(i + 1, int(np.searchsorted(ends, lo + PIECE_BYTES, side="right")))
+            j = max(i + 1, int(np.searchsorted(ends, lo + span, side="right")))
             stop = np.flatnonzero(long[i:j])  # a long extent ends the piece
             j = i + int(stop[0]) if len(stop) else j
-            buf = memoryview(bytearray(int(ends[j - 1]) - lo))
-            read_exact(block.fd, buf, lo, f"pages of {block.name!r}")
-            views: list[memoryview] = []
-            at = next_page = -1
+            runs: list[tuple[int, int, int]] = []  # (offset in the piece, bytes, output offset)
+            next_page = -1
             for first, count, offset in zip(firsts[i:j].tolist(), counts[i:j].tolist(), offsets[i:j].tolist()):
-                if first != next_page and views:
-                    pwrite_all(fd, memoryview(b"".join(views)), at)  # one copy: cheaper than 4 KiB iovecs
-                    views = []
-                if not views:
-                    at = place.page_offset(first)
-                views.append(buf[offset - lo : offset - lo + count * ps])
+                if runs and first == next_page and runs[-1][0] + runs[-1][1] == offset - lo:
+                    start, nbytes, at = runs[-1]
+                    runs[-1] = (start, nbytes + count * ps, at)  # slots and source both go on
+                else:
+                    runs.append((offset - lo, count * ps, place.page_offset(first)))
                 next_page = first + count
-            if views:
-                pwrite_all(fd, memoryview(b"".join(views)), at)
+            length = int(ends[j - 1]) - lo
+            first_at = min(at for _, _, at in runs)
+            last_end = max(at + nbytes for _, nbytes, at in runs)
+            slots.submit(first_at, last_end - first_at, _read_and_place, block.fd, lo, length, runs, block.name)
             yield int(counts[i:j].sum()) * ps
             i = j
 
@@ -170,9 +258,13 @@ def to_mapped_ram(
     overwrite: bool = True,
     progress: Progress | None = None,
     layout: BitmapLayout = LITTLE_ENDIAN_64,
+    channels: int = DEFAULT_CHANNELS,
+    channel_hook: ChannelHook | None = None,
 ) -> None:
     """Rewrite ``src`` (either kind) as a QEMU 10 mapped-ram file, streaming its pages
-    into their slots. A libvirt input gives a sparse libvirt image."""
+    into their slots through ``channels`` writer threads (see _SlotWriter). A libvirt
+    input gives a sparse libvirt image."""
+    check_count(channels)
     _check_page_sizes(src)
     for block in src:  # the output reserves every block's RAM, for a QEMU to restore
         try:
@@ -180,27 +272,31 @@ def to_mapped_ram(
         except MemoryError as err:
             raise OSError(errno.ENOMEM, f"{err}; not converted", src.path) from None
     out = _MappedRamOutput(src, out_path, libvirt_prefix(src, "sparse"), overwrite, layout)
-    writeback = Writeback(out.fd)
     try:
-        if isinstance(src, ForwardSnapshot):
-            bases = {name: place.pages_offset for name, place in out.places.items()}
-            writer = FileWriter(out.fd, bases, writeback=writeback)
-            src.consume(writer, progress)
-            writer.flush()
-        else:
-            total = sum(b.populated for b in src) * src.page_size
-            done = 0
-            if progress:
-                progress(done, total)
-            for block in src:
-                for copied in _copy_block(block, out.fd, out.places[block.name]):
-                    writeback.wrote(copied)
-                    done += copied
-                    if progress:
-                        progress(done, total)
+        slots = _SlotWriter(out.out.temp_path, channels, Writeback(out.fd), src.page_size, channel_hook)
+        try:
+            if isinstance(src, ForwardSnapshot):
+                bases = {name: place.pages_offset for name, place in out.places.items()}
+                writer = FileWriter(out.fd, bases, put=slots.put, batch=slots.item_bytes // src.page_size)
+                src.consume(writer, progress)
+                writer.flush()
+            else:
+                total = sum(b.populated for b in src) * src.page_size
+                done = 0
+                if progress:
+                    progress(done, total)
+                for block in src:
+                    for handed in _copy_block(block, out.places[block.name], slots):
+                        done += handed
+                        if progress:
+                            progress(done, total)
+            slots.finish()
+        finally:
+            slots.close()
         out.finish()
-    except BaseException:
+    except BaseException as err:
         out.out.abort()
+        reraise_naming(err, out.out.path)
         raise
 
 
@@ -367,7 +463,7 @@ def convert(
     out_path: str | os.PathLike[str],
     to: str,
     *,
-    channels: int = 4,
+    channels: int = DEFAULT_CHANNELS,
     overwrite: bool = True,
     progress: Progress | None = None,
     compress: str | None = None,
@@ -375,10 +471,13 @@ def convert(
 ) -> None:
     """``to`` is "mapped-ram" or "stream"; ``compress`` only with "stream" (see to_stream).
     The output is made by mapper/output.py's rules (``overwrite``: replace an existing
-    file). ``channels`` is accepted for compatibility: the copy is one stream of pages."""
+    file). ``channels`` (1 to 255, checked for either output): the threads that write a
+    mapped-ram output's slots (see _SlotWriter); a stream output is one sequence of
+    writes and does not use them."""
     mode = check_target(to, compress)
+    check_count(channels)
     with _open_source(src_path, mode, progress, open_args) as src:
         if mode is Mode.MAPPED_RAM:
-            to_mapped_ram(src, out_path, overwrite=overwrite, progress=progress)
+            to_mapped_ram(src, out_path, overwrite=overwrite, progress=progress, channels=channels)
         else:
             to_stream(src, out_path, overwrite=overwrite, progress=progress, compress=compress)

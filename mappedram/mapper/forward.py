@@ -588,23 +588,35 @@ class _BufferFill:
 
 
 Locate = Callable[[RamBlock, int], int | None]  # (block, page) -> file offset, or None: not written
+# (file offset, buffers to write there one after the other): how FileWriter's writes are
+# done; ``FileWriter.pwrite`` unless convert hands them to its channels.
+Put = Callable[[int, list[Any]], None]
 
 
 class FileWriter:
     """Pages written into a file, contiguous pages coalesced into one write (the data
     views stay valid: the cursor's buffers are immutable). Where: ``bases`` (block name
-    -> file offset of its page 0, pages in order after it), or else ``locate``."""
+    -> file offset of its page 0, pages in order after it), or else ``locate``. ``put``:
+    what does each write (default: pwrite it here); ``batch``: pages per write at most."""
 
     BATCH = 256  # pages per write at most: 1 MiB, about the cursor's window (measured
     # against 64 and 2048 by bench/bench_convert.py)
 
     def __init__(
-        self, fd: int, bases: Mapping[str, int], locate: Locate | None = None, writeback: Writeback | None = None
+        self,
+        fd: int,
+        bases: Mapping[str, int],
+        locate: Locate | None = None,
+        writeback: Writeback | None = None,
+        put: Put | None = None,
+        batch: int = BATCH,
     ) -> None:
         self.fd = fd
         self.bases = bases
         self.locate = locate
         self.writeback = writeback
+        self.put = put or self.pwrite
+        self.batch = batch
         self._views: list[memoryview] = []
         self._at = 0  # file offset of the first pending view
         self._end = 0
@@ -620,7 +632,7 @@ class FileWriter:
         at = base + page * block.page_size if base is not None else self._offset(block, page)
         if at is None:
             return
-        if self._views and (at != self._end or len(self._views) >= self.BATCH):
+        if self._views and (at != self._end or len(self._views) >= self.batch):
             self.flush()
         if not self._views:
             self._at = at
@@ -635,25 +647,37 @@ class FileWriter:
             return
         self.flush()
         for i, j in _segments(pages):
-            for k in range(i, j, self.BATCH):
-                piece = np.ascontiguousarray(rows[k : min(j, k + self.BATCH)]).reshape(-1)
-                pwrite_all(self.fd, memoryview(piece), base + int(pages[k]) * block.page_size)
-                if self.writeback is not None:
-                    self.writeback.wrote(len(piece))
+            for k in range(i, j, self.batch):
+                piece = rows[k : min(j, k + self.batch)]  # gathered by whoever writes it
+                self._put(base + int(pages[k]) * block.page_size, [piece], piece.nbytes)
 
     def zero(self, block: RamBlock, page: int) -> None:
         at = self._offset(block, page)
         if at is not None:
             self.flush()
-            pwrite_all(self.fd, memoryview(bytes(block.page_size)), at)
+            self._put(at, [memoryview(bytes(block.page_size))], block.page_size)
 
     def flush(self) -> None:
         views, self._views = self._views, []
-        if views:  # one buffer: a pwritev of 4 KiB pieces costs the kernel about three times more
-            data = b"".join(views)
-            pwrite_all(self.fd, memoryview(data), self._at)
-            if self.writeback is not None:
-                self.writeback.wrote(len(data))
+        if views:
+            self._put(self._at, views, sum(len(v) for v in views))
+
+    def _put(self, at: int, parts: list[Any], nbytes: int) -> None:
+        self.put(at, parts)
+        if self.writeback is not None:
+            self.writeback.wrote(nbytes)
+
+    def pwrite(self, at: int, parts: list[Any]) -> None:
+        """Write ``parts`` one after the other from ``at``, through ``fd``."""
+        pwrite_all(self.fd, self.gather(parts), at)
+
+    @staticmethod
+    def gather(parts: list[Any]) -> memoryview:
+        """``parts`` (memoryviews, or one array of rows as a run's pages) as one buffer: a
+        pwritev of 4 KiB pieces costs the kernel about three times more than a copy."""
+        if len(parts) == 1 and isinstance(parts[0], np.ndarray):
+            return memoryview(np.ascontiguousarray(parts[0]).reshape(-1))
+        return memoryview(b"".join(parts))
 
 
 IOV_MAX = 1024  # buffers one pwritev takes (Linux)
