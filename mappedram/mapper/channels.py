@@ -71,6 +71,7 @@ class Channels(Generic[Item]):
             except BaseException as err:  # handed to the thread that syncs
                 self._error = self._error or err
             finally:
+                item = None  # an idle channel must not keep its last item's buffers alive
                 self._queue.task_done()
 
     def submit(self, item: Item) -> None:

@@ -132,7 +132,7 @@ class _MappedRamOutput:
         self.out.commit(last=(self.magic_at, QEVM_MAGIC))
 
 
-_Item = list[Any]  # output offset, bytes, the work, its arguments
+_Item = tuple[int, int, Callable[..., None], tuple[Any, ...]]  # output offset, bytes, the work, its arguments
 # (output offset, bytes): called in the channel thread before each write; tests use it to
 # delay a write or make it fail.
 ChannelHook = Callable[[int, int], None]
@@ -171,12 +171,11 @@ class _SlotWriter:
             self.pool.sync()
             self._high = 0
         self._high = max(self._high, at + nbytes)
-        self.pool.submit([at, nbytes, work, args])
+        self.pool.submit((at, nbytes, work, args))
         self.writeback.wrote(nbytes)
 
     def _write(self, fd: int, item: _Item) -> None:
         at, nbytes, work, args = item
-        item.clear()  # an idle channel keeps its last item: not the source's buffers with it
         if self._hook is not None:
             self._hook(at, nbytes)
         work(fd, *args)
