@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import textwrap
-from typing import Any, NoReturn, Sequence
+from typing import Any, Iterable, Mapping, NoReturn, Sequence
 
 from . import __version__, cli_args
 from .errors import FormatError
@@ -26,6 +26,7 @@ from .formats.headers import VMDESC_HEAD
 from .formats.policy import COMPRESSED_FORMATS, Mode, policy_for
 from .mapper.blocks import MappedRamBlock, not_in_file
 from .mapper.channels import MAX_CHANNELS
+from .mapper.elements import Section
 from .mapper.images import open_image
 from .mapper.snapshot import Snapshot
 from .progress import ProgressBar, end_line, human
@@ -304,7 +305,9 @@ def _check_page_size(args: argparse.Namespace) -> None:
         )
 
 
-def _print_dump(info: dict[str, Any], stale_counted: bool = False) -> None:
+def _print_dump(info: dict[str, Any], sections: Sequence[Section] | None, stale_counted: bool = False) -> None:
+    """dump's text; ``sections`` (None: not walked) are printed one line each as they are
+    made from the packed log, so the output costs no memory per section."""
     _out(f"file:          {info['file']} ({info['size']} bytes, {human(info['size'])})")
     lv = info["libvirt"]
     if lv:
@@ -344,31 +347,33 @@ def _print_dump(info: dict[str, Any], stale_counted: bool = False) -> None:
         elif mapped:
             line += f"  {b['bitmap_offset']:>#13x}  {b['pages_offset']:>#12x}"
         _out(line)
-    if info["sections"] is not None:
-        _out(f"sections:      {len(info['sections'])}")
-        for s in info["sections"]:
-            detail = s.get("command") or " ".join(
-                str(x)
+    if sections is not None:
+        _out(f"sections:      {len(sections)}")
+        for s in sections:
+            detail = s.command or " ".join(
+                x
                 for x in (
-                    s.get("idstr"),
-                    f"id {s['section_id']}" if "section_id" in s else None,
-                    f"instance {s['instance_id']}" if "instance_id" in s else None,
-                    f"v{s['version_id']}" if "version_id" in s else None,
+                    s.idstr,
+                    None if s.section_id is None else f"id {s.section_id}",
+                    None if s.instance_id is None else f"instance {s.instance_id}",
+                    None if s.version_id is None else f"v{s.version_id}",
                 )
                 if x is not None
             )
-            size = f"  payload {s['payload_length']} bytes" if "payload_length" in s else ""
-            _out(f"  {s['offset']:#12x}  {s['kind']:<7}  {detail}{size}")
+            size = "" if s.payload_length is None else f"  payload {s.payload_length} bytes"
+            _out(f"  {s.offset:#12x}  {s.kind:<7}  {detail}{size}")
     vm = info["vmdesc"]
     where = f"{vm['json_length']} bytes of JSON at {vm['json_offset']:#x} (element at {vm['offset']:#x})" if vm else ""
     _out("vmdesc:        " + (where or "(none)"))
 
 
 def _dump_info(snap: Snapshot, sections: bool, stale: bool = False) -> dict[str, Any]:
-    """describe(), with every README key present (null when not walked) and the problems."""
-    info = snap.describe(sections=sections, stale=stale)
-    info.setdefault("sections", None)
-    info.setdefault("eof_offset", None)
+    """describe() with every README key present and the problems, but ``sections`` null:
+    the caller writes them one at a time. With ``sections`` the stream is walked here,
+    before anything is written (a malformed file prints its error line and nothing else)."""
+    info = snap.describe(sections=False, stale=stale)
+    info["sections"] = None
+    info["eof_offset"] = snap.eof_offset if sections else None
     if info["vmdesc"] is not None:
         info["vmdesc"]["json_offset"] = info["vmdesc"]["offset"] + VMDESC_HEAD.size
     info["problems"] = [{"offset": p.offset, "message": p.text} for p in snap.problems]
@@ -378,6 +383,28 @@ def _dump_info(snap: Snapshot, sections: bool, stale: bool = False) -> dict[str,
 def _json_out(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, ensure_ascii=True)
     print()
+
+
+_JSON = json.JSONEncoder(indent=2, ensure_ascii=True)
+
+
+def _json_out_streamed(value: dict[str, Any], arrays: Mapping[str, Iterable[Any]]) -> None:
+    """The object ``value`` as _json_out writes it, but the value of each key in
+    ``arrays`` written as a JSON array of its items, one item in memory at a time."""
+    write = sys.stdout.write
+    # Encoded JSON holds a newline only between tokens (strings escape theirs), so a nested
+    # value is indented by indenting its lines.
+    for i, (key, item) in enumerate(value.items()):
+        write(f"{',' if i else '{'}\n  {_JSON.encode(key)}: ")
+        if key not in arrays:
+            write(_JSON.encode(item).replace("\n", "\n  "))
+            continue
+        opening = "["
+        for element in arrays[key]:
+            write(f"{opening}\n    " + _JSON.encode(element).replace("\n", "\n    "))
+            opening = ","
+        write("[]" if opening == "[" else "\n  ]")
+    write("\n}\n")
 
 
 def _open(args: argparse.Namespace, progress: ProgressBar | None = None) -> Snapshot:
@@ -400,13 +427,13 @@ def _cmd_dump(args: argparse.Namespace) -> int:
         return _dump_libvirt_xml(args)
     with _open(args, bar) as snap:
         info = _dump_info(snap, sections=not args.no_sections, stale=args.stale)
-    bar.close()
-    if args.json:
-        _json_out(info)
-    else:
-        _print_dump(info, stale_counted=args.stale)
-        for p in info["problems"]:
-            _out(f"warning: offset {p['offset']:#x}: {p['message']}")
+        bar.close()  # a compressed image's pass is over: _dump_info read all dump prints
+        if args.json:
+            _json_out_streamed(info, {} if args.no_sections else {"sections": snap.describe_sections()})
+        else:
+            _print_dump(info, None if args.no_sections else snap.sections, stale_counted=args.stale)
+            for p in info["problems"]:
+                _out(f"warning: offset {p['offset']:#x}: {p['message']}")
     return EXIT_OK
 
 

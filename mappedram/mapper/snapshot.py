@@ -285,9 +285,15 @@ class Snapshot:
             else {"offset": self.vmdesc_location[0], "json_length": self.vmdesc_location[1]},
         }
         if sections:
-            out["sections"] = [s.describe() for s in self.sections]
+            out["sections"] = list(self.describe_sections())
             out["eof_offset"] = self._walker.eof_offset
         return out
+
+    def describe_sections(self) -> Iterator[dict[str, Any]]:
+        """describe()'s ``sections``, one at a time (walks the stream first): each is made
+        from the packed log when its turn comes, so a caller that writes them out as they
+        come holds one, however many the stream has (dump: millions of 5-byte commands)."""
+        return (s.describe() for s in self.sections)
 
 
 def open(
