@@ -23,6 +23,10 @@ from .vmdesc import device_payload_size
 # million bad commands must not cost a million lines and their memory).
 MAX_PROBLEMS = 1000
 
+# (cmd, length) pairs whose verdict is kept: a real stream has a handful, a hostile one up
+# to 2^32, and a verdict kept for each cost ~400 bytes a command (390 MB for 13 MB of them).
+_VERDICTS_KEPT = 4096
+
 # Fixed parts of the headers, read with struct (construct costs ~30 us an element, and a
 # stream may hold millions); the layouts are those of structs.py's SectionHeader*,
 # CommandBody and SectionFooter.
@@ -197,7 +201,12 @@ class StreamWalker:
             if end > size:
                 raise FormatError(start, what, f"the end of the file at {size:#x}")
             key = cmd << 16 | length
-            why = verdicts[key] if key in verdicts else verdicts.setdefault(key, command_problem(cmd, length))
+            if key in verdicts:
+                why = verdicts[key]
+            else:
+                why = command_problem(cmd, length)
+                if len(verdicts) < _VERDICTS_KEPT:
+                    verdicts[key] = why
             if why:
                 self._problem(Problem(start, f"expected {why}"))
             elif cmd == OPENS_RETURN_PATH:
