@@ -243,7 +243,9 @@ class Cursor:
         next follow bytes or fewer at the end)`` holds, or -1; does not move ``pos``."""
         at = self.pos
         while at + len(pattern) <= self.size:
-            buf, base = self.window(at, min(self.size - at, CURSOR_WINDOW))
+            # the window as it is when it holds the pattern's length: asking it for a whole
+            # CURSOR_WINDOW from ``at`` would copy a MiB for each of a million short sections
+            buf, base = self.window(at, len(pattern))
             hit = buf.find(pattern, at - base)
             if hit < 0:
                 if base + len(buf) >= self.size:
