@@ -29,8 +29,8 @@ PAGE = 4096
 HANG = 600  # seconds: generous, only a hang fails
 
 # open and verify, then dump, in one process: the peak of Python allocations of the
-# first two is bounded. dump's own peak is reported, not bounded: it still makes a dict
-# per section (snapshot.describe, the CLI), which a stream of millions of commands feels.
+# first two is bounded. dump's own peak is reported, not bounded: here its output goes to
+# a StringIO (tests/test_dump_memory.py bounds dump writing to a file).
 _CHILD = """
 import contextlib, io, json, sys, tracemalloc
 import mappedram
