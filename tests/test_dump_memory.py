@@ -238,25 +238,32 @@ out, args = sys.argv[1], sys.argv[2:]
 code = None
 if args:
     with open(out, "w") as sys.stdout:
-        code = main(["dump", *args])
+        code = main(args)
 hwm = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) << 10
 print(code, hwm, file=sys.__stdout__)
 """
 
 
-def dump_rss(out: Path, *args: str) -> int:
-    """Peak RSS of dump with ``args`` above that of an interpreter that imported the CLI."""
+def cli_rss(out: Path, *args: str) -> tuple[int, int]:
+    """The exit code of ``mappedram ARGS`` and its peak RSS above that of an interpreter
+    that imported the CLI."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    peaks = []
+    results = []
     for argv in ([], args):
         proc = subprocess.run(
             [sys.executable, "-c", _CHILD, str(out), *argv], capture_output=True, text=True, env=env, timeout=HANG
         )
-        assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+        assert proc.returncode == 0 and (proc.stderr == "" or args[0] == "verify"), proc.stderr[-2000:]
         code, hwm = proc.stdout.split()
-        assert code == ("0" if argv else "None")
-        peaks.append(int(hwm))
-    return peaks[1] - peaks[0]
+        results.append((code, int(hwm)))
+    assert results[0][0] == "None"
+    return int(results[1][0]), results[1][1] - results[0][1]
+
+
+def dump_rss(out: Path, *args: str) -> int:
+    code, rss = cli_rss(out, "dump", *args)
+    assert code == 0
+    return rss
 
 
 UNITS = 5_000  # x4 elements; the big file has 4 times as many
@@ -292,9 +299,9 @@ def test_dump_memory_does_not_grow_with_the_elements(streams, tmp_path, mode):
 
 def test_commands_of_distinct_kinds(tmp_path):
     """Unknown commands, each (cmd, length) pair once: the walker keeps the verdict of a
-    bounded number of pairs (one kept for each cost ~450 bytes: 36 MB more for 80,000)."""
+    bounded number of pairs (one kept for each cost ~400 bytes: 16.6 MB for 40,000)."""
     rss = {}
-    for count in (UNITS * 4, UNITS * 16):
+    for count in (UNITS * 2, UNITS * 8):
         commands = b"".join(_command(0x100 + i // 2, bytes(i % 2)) for i in range(count))
         path = many_elements(tmp_path / f"cmds-{count}.bin", lambda c, commands=commands: commands)
         rss[count] = dump_rss(tmp_path / "out", str(path))
@@ -302,7 +309,40 @@ def test_commands_of_distinct_kinds(tmp_path):
         assert len(warnings) == MAX_PROBLEMS + 1 and warnings[0].endswith("found cmd 0x100")
         assert f"found {count - MAX_PROBLEMS} more from here on (not listed)" in warnings[-1]
         assert rss[count] < 8 << 20, rss
-    assert rss[UNITS * 16] - rss[UNITS * 4] < 32 * UNITS * 12, rss
+    assert rss[UNITS * 8] - rss[UNITS * 2] < 32 * UNITS * 6, rss
+
+
+def test_device_sections_are_a_view(paused_mr):
+    """``snap.devices`` is a view of the packed log: the FULL sections but RAM's, as the
+    VM description lists them, by iteration, length, index and slice."""
+    with mappedram.open(paused_mr) as snap:
+        expected = [s for s in snap.sections if s.kind == "full" and s.idstr != "ram"]
+        devices = snap.devices
+        assert [s.idstr for s in devices] == [d["name"] for d in snap.vmdesc["devices"]]
+        assert list(devices) == expected and len(devices) == len(expected) == 33 and devices == expected
+        assert devices[0] == expected[0] and devices[-1] == expected[-1] and devices[3:6] == expected[3:6]
+        with pytest.raises(IndexError):
+            devices[len(expected)]
+
+
+def test_verify_memory_does_not_grow_with_device_sections(tmp_path):
+    """10,000 and 40,000 device sections (footer-delimited, not in the description):
+    verify counts them against the description without a Section object each (a list of
+    them cost ~300 bytes a section: 12 MB for 40,000)."""
+    rss = {}
+    for count in (UNITS * 2, UNITS * 8):
+
+        def devices(comp, count=count):
+            enc = comp.encoder
+            return b"".join(
+                enc.section_full(SectionType.SECTION_FULL, 10 + i, "d", 0, 1) + enc.footer(10 + i) for i in range(count)
+            )
+
+        path = many_elements(tmp_path / f"devices-{count}.bin", devices)
+        code, rss[count] = cli_rss(tmp_path / "out", "verify", str(path))
+        assert code == 1 and f"expected {count} device entries in the VM description" in (tmp_path / "out").read_text()
+        assert rss[count] < 8 << 20, rss
+    assert rss[UNITS * 8] - rss[UNITS * 2] < 32 * UNITS * 6, rss
 
 
 def test_no_sections_does_not_walk(streams, tmp_path):

@@ -191,9 +191,52 @@ class SectionLog(Sequence[Section]):
         return next(self._iter_from(index))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return _same(self, other)
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"SectionLog({self._count} sections)"
+
+
+class DeviceSections(Sequence[Section]):
+    """The FULL device sections (all but RAM's) of a walked SectionLog, in stream order:
+    iterating decodes the log once; ``len`` and indexing keep the device rows' numbers (8
+    bytes each), so a stream of a million device sections is not a million objects."""
+
+    def __init__(self, log: SectionLog) -> None:
+        self._log = log
+        self._rows: array[int] | None = None
+
+    def _index(self) -> array[int]:
+        if self._rows is None:
+            self._rows = array("q", (i for i, s in enumerate(self._log) if _is_device(s)))
+        return self._rows
+
+    def __len__(self) -> int:
+        return len(self._index())
+
+    def __iter__(self) -> Iterator[Section]:
+        return (s for s in self._log if _is_device(s))
+
+    @overload
+    def __getitem__(self, index: int) -> Section: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Section]: ...
+    def __getitem__(self, index: int | slice) -> Section | list[Section]:
+        if isinstance(index, slice):
+            return [self._log[row] for row in self._index()[index]]
+        return self._log[self._index()[index]]
+
+    def __eq__(self, other: object) -> bool:
+        return _same(self, other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _is_device(sec: Section) -> bool:
+    return sec.kind == "full" and sec.idstr != RAM_IDSTR
+
+
+def _same(a: Sequence[Section], b: object) -> bool:
+    return isinstance(b, Sequence) and len(a) == len(b) and all(x == y for x, y in zip(a, b))

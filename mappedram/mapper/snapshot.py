@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from ..errors import FormatError
 from ..formats.bitmap import LITTLE_ENDIAN_64, BitmapLayout
-from ..formats.constants import CAP_IGNORE_SHARED, RAM_IDSTR
+from ..formats.constants import CAP_IGNORE_SHARED
 from ..formats.layout import MAX_PAGE_SIZE, MIN_PAGE_SIZE, valid_page_size
 from ..formats.policy import Mode, ModePolicy, libvirt_stream_problem, policy_for
 from .blocks import Progress, RamBlock
-from .elements import Problem, Section
+from .elements import DeviceSections, Problem, Section
 from .prologue import LIBVIRT_FORMAT_AT, LibvirtHeader, Prologue, read_prologue
 from .ram_section import MappedRamSectionReader, PageIndex, RamSectionReader, StreamRamSectionReader
 from .source import Source
@@ -206,9 +206,9 @@ class Snapshot:
         return self._walker.eof_offset
 
     @property
-    def devices(self) -> list[Section]:
-        """The FULL device sections (everything but RAM)."""
-        return [s for s in self.sections if s.kind == "full" and s.idstr != RAM_IDSTR]
+    def devices(self) -> Sequence[Section]:
+        """The FULL device sections (everything but RAM): a view of the packed sections."""
+        return DeviceSections(self.sections)
 
     @property
     def section_footers(self) -> bool:
