@@ -443,3 +443,17 @@ def test_zero_run_inside_a_zeroed_run_keeps_later_data(tmp_path):
         assert block.populated == 5  # 25-29: 20-24 were zeroed last
         ram = block.read()
     assert [p for p in range(64) if ram[p * PAGE]] == [25, 26, 27, 28, 29]
+
+
+def test_verify_counts_ram_sections_without_keeping_them(tmp_path):
+    """verify judges START ... END from the RAM sections' kinds kept as runs: 250,000
+    PART sections (250 bytes of Section each when they were listed: 62 MB) stay within
+    the bound, and the message about a second END names the runs, not every kind."""
+    count = 250_000
+    def middle(comp: StreamComposer) -> bytes:  # the PARTs, then an END before the tail's own
+        return comp.round_end() * count + comp.encoder.ram_eos_section(SectionType.SECTION_END, comp.ram_id)
+
+    out = run_bounded(_stream(tmp_path / "parts.bin", middle), False)
+    assert not out["valid"]
+    text = "expected a RAM section that opens with START and closes with one END, found "
+    assert [p[1] for p in out["problems"] if p[1].startswith(text)] == [text + f"start, part x{count}, end x2"]

@@ -138,13 +138,14 @@ def _expected(err: FormatError) -> str:
 
 def _check(snap: Snapshot, report: Report) -> None:
     problems = report.problems
-    sections = snap.sections  # walks the whole stream: flags, footers, EOF
-    ram = [s for s in sections if s.idstr == RAM_IDSTR]
-    kinds = [s.kind for s in ram]
-    if not kinds or kinds[0] != "start" or kinds[-1] != "end" or kinds.count("end") != 1:
+    kinds = _RamKinds()
+    for section in snap.sections:  # walks the whole stream (flags, footers, EOF); one Section at a time
+        if section.idstr == RAM_IDSTR:
+            kinds.add(section.offset, section.kind)
+    if kinds.first != "start" or kinds.last != "end" or kinds.ends != 1:
         problems.append(
             Problem(
-                ram[0].offset if ram else snap.stream_start,
+                kinds.offset if kinds.offset is not None else snap.stream_start,
                 f"expected a RAM section that opens with START and closes with one END, found {kinds}",
             )
         )
@@ -161,6 +162,38 @@ def _check(snap: Snapshot, report: Report) -> None:
     for block in mapped:
         _check_block(snap, block, problems)
     _check_regions(snap, mapped, problems)
+
+
+class _RamKinds:
+    """The kinds of the RAM sections in stream order, kept as at most SHOWN_RUNS runs (a
+    million PART sections cost a counter, not a list)."""
+
+    SHOWN_RUNS = 8
+
+    def __init__(self) -> None:
+        self.offset: int | None = None  # of the first one
+        self.first = self.last = ""
+        self.ends = 0
+        self.runs: list[list[Any]] = []  # [kind, count]
+        self.more = 0  # runs past SHOWN_RUNS
+
+    def add(self, offset: int, kind: str) -> None:
+        if self.offset is None:
+            self.offset, self.first = offset, kind
+        self.ends += kind == "end"
+        if self.more == 0 and self.runs and self.runs[-1][0] == kind:
+            self.runs[-1][1] += 1
+        elif self.more == 0 and len(self.runs) < self.SHOWN_RUNS:
+            self.runs.append([kind, 1])
+        elif kind != self.last:
+            self.more += 1
+        self.last = kind
+
+    def __str__(self) -> str:
+        if self.offset is None:
+            return "none"
+        shown = ", ".join(kind if count == 1 else f"{kind} x{count}" for kind, count in self.runs)
+        return shown + (f", then {self.more} more runs ending with {self.last}" if self.more else "")
 
 
 def _check_vmdesc(snap: Snapshot, report: Report) -> None:
