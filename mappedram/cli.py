@@ -214,9 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--channels",
         type=cli_args.channels,
-        default=4,
-        help=f"1 to {MAX_CHANNELS} threads that write the pages of a mapped-ram OUT (default: %(default)s); "
-        "--to stream writes in order and uses none",
+        default=1,
+        help=f"1 to {MAX_CHANNELS} threads that write the pages of a mapped-ram OUT (default: %(default)s, "
+        "the main thread as it reads); --to stream writes in order and uses none",
     )
     conv.add_argument("--force", action="store_true", help="replace OUT if it exists")
     conv.add_argument(

@@ -49,7 +49,7 @@ COPY_RANGE_BYTES = 1 << 20  # extents at least this long are copied kernel-side
 COPY_PIECE_BYTES = 4 << 20  # a long extent goes to the channels in pieces of this
 ITEM_BYTES = 1 << 20  # page data of one channel item at most (FileWriter's batch: the cursor's window)
 IN_FLIGHT_BYTES = 16 << 20  # page data queued or being written by the channels at most
-DEFAULT_CHANNELS = 4
+DEFAULT_CHANNELS = 1  # the main thread writes: fastest on the 2-core test machine (bench_convert)
 MAPPED_RAM_CAP = MODE_CAPABILITIES[Mode.MAPPED_RAM]  # the capability a mapped-ram output announces
 
 
@@ -148,12 +148,15 @@ class _SlotWriter:
     and never wait, a stream that sends pages again (a live save's next round) syncs once
     per pass back, as QEMU syncs its channels once per round.
 
+    One channel is the main thread writing through ``fd`` as it goes (QEMU without
+    multifd): a hand-off to one thread only costs CPU (bench/bench_convert.py).
+
     Memory: at most ``depth`` items wait and ``count`` are being written, each of at most
     ``item_bytes`` (IN_FLIGHT_BYTES shared out; a forward source's items are views of the
     cursor's windows, kept alive only while queued)."""
 
     def __init__(
-        self, path: str, count: int, writeback: Writeback, page_size: int, hook: ChannelHook | None = None
+        self, path: str, fd: int, count: int, writeback: Writeback, page_size: int, hook: ChannelHook | None = None
     ) -> None:
         check_count(count)
         depth = max(2, count)
@@ -162,16 +165,22 @@ class _SlotWriter:
         self.writeback = writeback
         self._hook = hook
         self._high = 0  # end of the highest write handed over since the last sync
-        self.pool: Channels[_Item] = Channels(path, count, os.O_WRONLY, self._write, "convert", depth)
+        self._fd = fd
+        self.pool: Channels[_Item] | None = None
+        if count > 1:
+            self.pool = Channels(path, count, os.O_WRONLY, self._write, "convert", depth)
 
     def submit(self, at: int, nbytes: int, work: Callable[..., None], *args: Any) -> None:
         """Have a channel run ``work(its fd, *args)``, which writes ``nbytes`` of the output
         from ``at`` (and nothing outside them)."""
-        if at < self._high:
-            self.pool.sync()
-            self._high = 0
-        self._high = max(self._high, at + nbytes)
-        self.pool.submit((at, nbytes, work, args))
+        if self.pool is None:
+            self._write(self._fd, (at, nbytes, work, args))
+        else:
+            if at < self._high:
+                self.pool.sync()
+                self._high = 0
+            self._high = max(self._high, at + nbytes)
+            self.pool.submit((at, nbytes, work, args))
         self.writeback.wrote(nbytes)
 
     def _write(self, fd: int, item: _Item) -> None:
@@ -186,10 +195,12 @@ class _SlotWriter:
 
     def finish(self) -> None:
         """Wait for every write (a channel's error is raised here)."""
-        self.pool.sync()
+        if self.pool is not None:
+            self.pool.sync()
 
     def close(self) -> None:
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()
 
 
 def _put_parts(fd: int, at: int, parts: list[Any]) -> None:
@@ -261,7 +272,7 @@ def to_mapped_ram(
     channel_hook: ChannelHook | None = None,
 ) -> None:
     """Rewrite ``src`` (either kind) as a QEMU 10 mapped-ram file, streaming its pages
-    into their slots through ``channels`` writer threads (see _SlotWriter). A libvirt
+    into their slots, through ``channels`` writer threads past one (see _SlotWriter). A libvirt
     input gives a sparse libvirt image."""
     check_count(channels)
     _check_page_sizes(src)
@@ -272,7 +283,7 @@ def to_mapped_ram(
             raise OSError(errno.ENOMEM, f"{err}; not converted", src.path) from None
     out = _MappedRamOutput(src, out_path, libvirt_prefix(src, "sparse"), overwrite, layout)
     try:
-        slots = _SlotWriter(out.out.temp_path, channels, Writeback(out.fd), src.page_size, channel_hook)
+        slots = _SlotWriter(out.out.temp_path, out.fd, channels, Writeback(out.fd), src.page_size, channel_hook)
         try:
             if isinstance(src, ForwardSnapshot):
                 bases = {name: place.pages_offset for name, place in out.places.items()}
@@ -470,7 +481,7 @@ def convert(
 ) -> None:
     """``to`` is "mapped-ram" or "stream"; ``compress`` only with "stream" (see to_stream).
     The output is made by mapper/output.py's rules (``overwrite``: replace an existing
-    file). ``channels`` (1 to 255, checked for either output): the threads that write a
+    file). ``channels`` (1 to 255, checked for either output; 1: the main thread): the threads that write a
     mapped-ram output's slots (see _SlotWriter); a stream output is one sequence of
     writes and does not use them."""
     mode = check_target(to, compress)
