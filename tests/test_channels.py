@@ -131,20 +131,26 @@ INTERRUPTED = textwrap.dedent(
 )
 
 
-def test_ctrl_c_during_convert(tmp_path):
-    src = write_snapshot(tmp_path / "in.sav", {"pc.ram": pattern_block(8192)})  # 32 MiB: 4 items
-    out = tmp_path / "out.sav"
+def interrupted(script: str, *args: object) -> tuple[int, str]:
+    """Run ``script`` with ``args`` in a child, send it SIGINT once it prints "writing";
+    its exit code and stderr."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen(
-        [sys.executable, "-c", INTERRUPTED, str(src), str(out)],
+        [sys.executable, "-c", script, *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
-    assert proc.stdout.readline() == "writing\n"
+    assert proc.stdout is not None and proc.stdout.readline() == "writing\n"
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
+    _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr
+
+
+def test_ctrl_c_during_convert(tmp_path):
+    src = write_snapshot(tmp_path / "in.sav", {"pc.ram": pattern_block(8192)})  # 32 MiB: 4 items
+    code, stderr = interrupted(INTERRUPTED, src, tmp_path / "out.sav")
+    assert code == 130, stderr
     assert stderr == "mappedram: interrupted\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.sav"]  # no output, no .partial

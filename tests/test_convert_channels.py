@@ -9,7 +9,6 @@ import errno
 import filecmp
 import os
 import resource
-import signal
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from conftest import fixture_file, load_manifest
 from craft import pattern_block, write_snapshot
+from test_channels import interrupted
 from test_compressed import LEGACY, PAGE, peak_rss_kib, write_image
 
 import mappedram
@@ -312,20 +312,8 @@ INTERRUPTED = textwrap.dedent(
 def test_ctrl_c_during_a_forward_pass_with_channels(tmp_path):
     """The main thread is blocked handing over writes (the queue is full) when Ctrl-C
     comes: exit 130 with one line, no output, no temporary file."""
-    src = fixture_file(FIXTURES["classic"])
-    out = tmp_path / "out.sav"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", INTERRUPTED, str(src), str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    assert proc.stdout.readline() == "writing\n"
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
+    code, stderr = interrupted(INTERRUPTED, fixture_file(FIXTURES["classic"]), tmp_path / "out.sav")
+    assert code == 130, stderr
     assert stderr == "mappedram: interrupted\n"
     assert os.listdir(tmp_path) == []
 
