@@ -450,6 +450,7 @@ def test_verify_counts_ram_sections_without_keeping_them(tmp_path):
     PART sections (250 bytes of Section each when they were listed: 62 MB) stay within
     the bound, and the message about a second END names the runs, not every kind."""
     count = 250_000
+
     def middle(comp: StreamComposer) -> bytes:  # the PARTs, then an END before the tail's own
         return comp.round_end() * count + comp.encoder.ram_eos_section(SectionType.SECTION_END, comp.ram_id)
 

@@ -31,9 +31,8 @@ from test_compressed import COMPRESS, FORMATS, libvirt_header, write_image
 import mappedram
 from mappedram.cli import main
 from mappedram.formats.constants import SectionType
-from mappedram.mapper.devstate import all_device_states, configuration_state
+from mappedram.mapper.devstate import MAX_PAYLOAD, all_device_states, configuration_state
 from mappedram.mapper.encoder import StreamEncoder
-from mappedram.mapper.devstate import MAX_PAYLOAD
 from mappedram.mapper.forward import DEVICE_STATE_LIMIT, ForwardSnapshot
 
 LEGACY = "pc64-d-paused-legacy.bin"  # QEMU's classic stream of a paused pc guest
