@@ -191,17 +191,13 @@ class KernelTracking(Tracker):
             self._log.protect()  # arm first, then read every page
             self._armed = True
             dirty: Iterable[Dirty] = self._digest.round(final)
-        elif final:  # copy the written pages without judging them: writing a few more is quicker
-            candidates = self._candidates()
-            dirty = (
-                (part, self.pages[part], np.arange(len(part)))
-                for part in (candidates[s : s + SCAN_PAGES] for s in range(0, len(candidates), SCAN_PAGES))
-            )
         else:
             candidates = self._candidates()
-            dirty = (
-                self._digest.changed(candidates[s : s + SCAN_PAGES]) for s in range(0, len(candidates), SCAN_PAGES)
-            )
+            parts = (candidates[s : s + SCAN_PAGES] for s in range(0, len(candidates), SCAN_PAGES))
+            if final:  # copy the written pages without judging them: writing a few more is quicker
+                dirty = ((p, self.pages[p], np.arange(len(p))) for p in parts)
+            else:
+                dirty = map(self._digest.changed, parts)
         for pages, rows, pos in dirty:
             if self._sliver is not None:
                 self._slivers[pages] = rows[pos, self._sliver]
