@@ -10,8 +10,10 @@ import numpy as np
 
 import mappedram
 from mappedram.formats import structs as S
-from mappedram.formats.constants import RamFlag
+from mappedram.formats.bitmap import LITTLE_ENDIAN_64
+from mappedram.formats.constants import CAP_MAPPED_RAM, RamFlag
 from mappedram.mapper.convert import to_stream
+from mappedram.mapper.encoder import StreamComposer
 from mappedram.mapper.writer import SnapshotWriter
 
 PAGE = 4096
@@ -96,3 +98,17 @@ def stream_claiming(directory: Path, claim: int, pages: np.ndarray | None = None
     patch(legacy, mem_size, S.RamWord.build(claim | RamFlag.MEM_SIZE))
     patch(legacy, entry + 1 + len("pc.ram"), S.RamWord.build(claim))
     return legacy
+
+
+def one_page_stream(path: Path, middle, mapped: bool = True) -> Path:
+    """A valid stream with one 1-page block; ``middle(composer)`` goes between the RAM
+    START section and the tail (SWITCHOVER_START, RAM END, EOF, VM description)."""
+    comp = StreamComposer(PAGE, capabilities=[CAP_MAPPED_RAM] if mapped else [])
+    head = comp.head()
+    pieces, _, end = comp.ram_start(len(head), [("pc.ram", PAGE)], LITTLE_ENDIAN_64 if mapped else None)
+    out = bytearray(end)
+    out[: len(head)] = head
+    for offset, data in pieces:
+        out[offset : offset + len(data)] = data
+    path.write_bytes(bytes(out) + middle(comp) + comp.tail())
+    return path

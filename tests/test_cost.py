@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from craft import one_page_stream
 
 import mappedram
 from mappedram.cli import main
 from mappedram.formats import structs as S
-from mappedram.formats.bitmap import LITTLE_ENDIAN_64
 from mappedram.formats.constants import CAP_MAPPED_RAM, RamFlag, SectionType, VmCommand
 from mappedram.formats.layout import HEADER_SIZE, BlockPlace
 from mappedram.mapper.encoder import StreamComposer
@@ -68,20 +68,6 @@ def run_bounded(path: Path, dump: bool = True) -> dict:
     return out
 
 
-def _stream(path: Path, middle, mapped: bool = True) -> Path:
-    """A valid stream with one 1-page block; ``middle(composer)`` goes between the RAM
-    START section and the tail (SWITCHOVER_START, RAM END, EOF, VM description)."""
-    comp = StreamComposer(PAGE, capabilities=[CAP_MAPPED_RAM] if mapped else [])
-    head = comp.head()
-    pieces, _, end = comp.ram_start(len(head), [("pc.ram", PAGE)], LITTLE_ENDIAN_64 if mapped else None)
-    out = bytearray(end)
-    out[: len(head)] = head
-    for offset, data in pieces:
-        out[offset : offset + len(data)] = data
-    path.write_bytes(bytes(out) + middle(comp) + comp.tail())
-    return path
-
-
 def _command(cmd: int, data: bytes = b"") -> bytes:
     return bytes([SectionType.COMMAND]) + S.CommandBody.build({"cmd": cmd, "data": data})
 
@@ -105,14 +91,16 @@ def empty_blocks(path: Path, count: int) -> Path:
 
 def test_many_commands(tmp_path):
     count = 150_000  # 0.75 MB of SWITCHOVER_START: one Section object each cost 39 MiB
-    out = run_bounded(_stream(tmp_path / "cmds.bin", lambda c: _command(VmCommand.SWITCHOVER_START) * count), False)
+    out = run_bounded(
+        one_page_stream(tmp_path / "cmds.bin", lambda c: _command(VmCommand.SWITCHOVER_START) * count), False
+    )
     assert out["valid"]
     assert out["sections"] == count + 4  # RAM START, the commands, the tail's command, RAM END, EOF
 
 
 def test_problems_are_capped(tmp_path):
     count = 5_000
-    out = run_bounded(_stream(tmp_path / "bad.bin", lambda c: _command(0x1234) * count))
+    out = run_bounded(one_page_stream(tmp_path / "bad.bin", lambda c: _command(0x1234) * count))
     problems = out["problems"]
     assert not out["valid"] and len(problems) == MAX_PROBLEMS + 1
     assert "found cmd 0x1234" in problems[0][1]
@@ -125,7 +113,7 @@ def test_problems_are_capped(tmp_path):
 
 def test_many_part_sections(tmp_path):
     count = 15_000  # mapped-ram PART sections: EOS only, 18 bytes each
-    out = run_bounded(_stream(tmp_path / "parts.bin", lambda c: c.round_end() * count))
+    out = run_bounded(one_page_stream(tmp_path / "parts.bin", lambda c: c.round_end() * count))
     assert out["valid"] and out["sections"] == count + 4
 
 
@@ -140,7 +128,7 @@ def test_many_device_sections(tmp_path):
             for i in range(count)
         )
 
-    out = run_bounded(_stream(tmp_path / "devs.bin", devices))
+    out = run_bounded(one_page_stream(tmp_path / "devs.bin", devices))
     assert out["dump"] == 0 and out["sections"] == count + 4
 
 
@@ -155,7 +143,7 @@ def test_many_zero_records(tmp_path):
             + comp.section_end()
         )
 
-    out = run_bounded(_stream(tmp_path / "zeros.bin", records, mapped=False))
+    out = run_bounded(one_page_stream(tmp_path / "zeros.bin", records, mapped=False))
     assert out["valid"] and out["dump"] == 0
 
 
@@ -418,7 +406,7 @@ def test_page_index_keeps_runs(tmp_path):
             + comp.section_end()
         )
 
-    path = _stream(tmp_path / "zeros.bin", zeros, mapped=False)
+    path = one_page_stream(tmp_path / "zeros.bin", zeros, mapped=False)
     child = (
         "import sys, tracemalloc, mappedram\n"
         "snap = mappedram.open(sys.argv[1]); snap.sections\n"
@@ -454,7 +442,7 @@ def test_verify_counts_ram_sections_without_keeping_them(tmp_path):
     def middle(comp: StreamComposer) -> bytes:  # the PARTs, then an END before the tail's own
         return comp.round_end() * count + comp.encoder.ram_eos_section(SectionType.SECTION_END, comp.ram_id)
 
-    out = run_bounded(_stream(tmp_path / "parts.bin", middle), False)
+    out = run_bounded(one_page_stream(tmp_path / "parts.bin", middle), False)
     assert not out["valid"]
     text = "expected a RAM section that opens with START and closes with one END, found "
     assert [p[1] for p in out["problems"] if p[1].startswith(text)] == [text + f"start, part x{count}, end x2"]

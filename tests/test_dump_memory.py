@@ -20,13 +20,12 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, fixture_file, load_manifest
+from craft import one_page_stream
 
 import mappedram
 from mappedram.cli import EXIT_BROKEN_PIPE, main
 from mappedram.formats import structs as S
-from mappedram.formats.bitmap import LITTLE_ENDIAN_64
-from mappedram.formats.constants import CAP_MAPPED_RAM, SectionType, VmCommand
-from mappedram.mapper.encoder import StreamComposer
+from mappedram.formats.constants import SectionType, VmCommand
 from mappedram.mapper.forward import ForwardSnapshot
 from mappedram.mapper.source import CURSOR_WINDOW, Cursor
 from mappedram.mapper.walker import MAX_PROBLEMS
@@ -177,7 +176,7 @@ def test_hostile_names_and_problems(tmp_path):
         )
         return devices + _command(0x1234) * 3
 
-    path = many_elements(tmp_path / "hostile.bin", middle)
+    path = one_page_stream(tmp_path / "hostile.bin", middle)
     code, out, _ = run_cli("dump", "--json", str(path))
     with mappedram.open(path) as snap:
         assert code == 0 and out == expected_json(snap, True)
@@ -198,20 +197,6 @@ def _command(cmd: int, data: bytes = b"") -> bytes:
     return bytes([SectionType.COMMAND]) + S.CommandBody.build({"cmd": cmd, "data": data})
 
 
-def many_elements(path: Path, middle) -> Path:
-    """A valid mapped-ram stream with one 1-page block; ``middle(composer)`` goes between
-    the RAM START section and the tail (SWITCHOVER_START, RAM END, EOF, VM description)."""
-    comp = StreamComposer(PAGE, capabilities=[CAP_MAPPED_RAM])
-    head = comp.head()
-    pieces, _, end = comp.ram_start(len(head), [("pc.ram", PAGE)], LITTLE_ENDIAN_64)
-    out = bytearray(end)
-    out[: len(head)] = head
-    for offset, data in pieces:
-        out[offset : offset + len(data)] = data
-    path.write_bytes(bytes(out) + middle(comp) + comp.tail())
-    return path
-
-
 def mixed(path: Path, units: int) -> Path:
     """``units`` times: two SWITCHOVER_START commands (5 bytes each), a RAM PART section
     (EOS only, 18 bytes) and a device FULL section delimited by its footer (20 bytes)."""
@@ -225,7 +210,7 @@ def mixed(path: Path, units: int) -> Path:
             for i in range(units)
         )
 
-    return many_elements(path, middle)
+    return one_page_stream(path, middle)
 
 
 # dump in a child, its peak RSS (VmHWM) beside that of a child that only imports the CLI;
@@ -303,7 +288,7 @@ def test_commands_of_distinct_kinds(tmp_path):
     rss = {}
     for count in (UNITS * 2, UNITS * 8):
         commands = b"".join(_command(0x100 + i // 2, bytes(i % 2)) for i in range(count))
-        path = many_elements(tmp_path / f"cmds-{count}.bin", lambda c, commands=commands: commands)
+        path = one_page_stream(tmp_path / f"cmds-{count}.bin", lambda c, commands=commands: commands)
         rss[count] = dump_rss(tmp_path / "out", str(path))
         warnings = [line for line in (tmp_path / "out").read_text().splitlines() if line.startswith("warning:")]
         assert len(warnings) == MAX_PROBLEMS + 1 and warnings[0].endswith("found cmd 0x100")
@@ -338,7 +323,7 @@ def test_verify_memory_does_not_grow_with_device_sections(tmp_path):
                 enc.section_full(SectionType.SECTION_FULL, 10 + i, "d", 0, 1) + enc.footer(10 + i) for i in range(count)
             )
 
-        path = many_elements(tmp_path / f"devices-{count}.bin", devices)
+        path = one_page_stream(tmp_path / f"devices-{count}.bin", devices)
         code, rss[count] = cli_rss(tmp_path / "out", "verify", str(path))
         assert code == 1 and f"expected {count} device entries in the VM description" in (tmp_path / "out").read_text()
         assert rss[count] < 8 << 20, rss
