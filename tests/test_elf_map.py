@@ -45,6 +45,12 @@ def readelf_loads(core) -> list[tuple[int, int, int]]:
     return [(int(paddr, 16), int(size, 16), int(offset, 16)) for offset, paddr, size in _LOAD.findall(out)]
 
 
+def segments(core) -> list[tuple[int, bytes]]:
+    """(p_paddr, the bytes it holds) of every PT_LOAD, placed as `readelf -lW` reads them."""
+    data = core.read_bytes()
+    return [(addr, data[offset : offset + size]) for addr, size, offset in readelf_loads(core)]
+
+
 def segment_sha256(core, offset: int, size: int) -> str:
     with open(core, "rb") as f:
         f.seek(offset)
@@ -156,8 +162,7 @@ def test_a_pc_file_without_pc_ram(tmp_path, capsys):
         "PT_LOAD 0x0000fffc0000-0x000100000000  pc.bios +0x0",
         f"{core}: 2 segments, {4 * PAGE + 64 * PAGE} bytes of page data",
     ]
-    data = core.read_bytes()
-    assert [(a, data[o : o + n]) for a, n, o in readelf_loads(core)] == [
+    assert segments(core) == [
         (0xFD000000, vram.tobytes()),
         ((1 << 32) - 64 * PAGE, bios.tobytes()),
     ]
@@ -221,8 +226,7 @@ def test_pc_ram_left_out_others_placed_by_map(shared_ram, tmp_path, capsys):
         "pc.ram: not in the file (x-ignore-shared), not exported",
         f"{core}: 2 segments, {4 * PAGE + 64 * PAGE} bytes of page data",
     ]
-    data = core.read_bytes()
-    assert [(a, data[o : o + n]) for a, n, o in readelf_loads(core)] == [
+    assert segments(core) == [
         (0xFD000000, vram.tobytes()),
         ((1 << 32) - 64 * PAGE, bios.tobytes()),
     ]
