@@ -255,13 +255,12 @@ def sync_file_range() -> Callable[[int], int] | None:
     """sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE), returning 0 or an errno: start
     writing every dirty page of the file."""
     import ctypes  # noqa: PLC0415 - only outputs that are written big need it
-    import ctypes.util  # noqa: PLC0415
 
-    name = ctypes.util.find_library("c")
-    fn = getattr(ctypes.CDLL(name, use_errno=True), "sync_file_range", None) if name else None
+    from .libc import libc_function  # noqa: PLC0415
+
+    fn = libc_function(("sync_file_range",), ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     if fn is None:
         return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     write = 2  # SYNC_FILE_RANGE_WRITE
 
     def start(fd: int) -> int:

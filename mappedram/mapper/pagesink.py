@@ -10,7 +10,6 @@ that became zero so the file stays sparse.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import threading
@@ -21,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .channels import Channels, pwrite_all
+from .libc import libc_function
 from .tracking import SCAN_PAGES
 
 GROUP_RUNS = 512  # short runs gathered into one channel item at most
@@ -45,14 +45,9 @@ _Item = tuple[Slots, np.ndarray, Any, float]  # slots, page numbers, their bytes
 
 def _punch_hole_fn() -> Callable[[int, int, int], None] | None:
     """fallocate(PUNCH_HOLE | KEEP_SIZE), or None where the C library lacks it."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    libc = ctypes.CDLL(name, use_errno=True)
-    fallocate = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+    fallocate = libc_function(("fallocate64", "fallocate"), ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     if fallocate is None:
         return None
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
     def punch(fd: int, offset: int, length: int) -> None:
         if fallocate(fd, 0x02 | 0x01, offset, length) != 0:  # PUNCH_HOLE | KEEP_SIZE
